@@ -1,0 +1,16 @@
+"""flaxhf: Flax versions of the transformers models, a sharded trainer, and PyTorch export."""
+
+from flaxhf.models.auto import (FlaxAutoModel, FlaxAutoModelForMaskedLM,
+                                FlaxAutoModelForMultipleChoice, FlaxAutoModelForQuestionAnswering,
+                                FlaxAutoModelForSequenceClassification,
+                                FlaxAutoModelForTokenClassification)
+from flaxhf.models.base import FlaxPreTrainedModel
+from flaxhf.models.bert import (
+    FlaxBertForMaskedLM, FlaxBertForMultipleChoice, FlaxBertForQuestionAnswering,
+    FlaxBertForSequenceClassification, FlaxBertForTokenClassification, FlaxBertModel,
+    FlaxElectraForMaskedLM, FlaxElectraForMultipleChoice, FlaxElectraForQuestionAnswering,
+    FlaxElectraForSequenceClassification, FlaxElectraForTokenClassification, FlaxElectraModel,
+    FlaxRobertaForMaskedLM, FlaxRobertaForMultipleChoice, FlaxRobertaForQuestionAnswering,
+    FlaxRobertaForSequenceClassification, FlaxRobertaForTokenClassification, FlaxRobertaModel)
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""flaxhf model families; importing this registers every family with the auto classes."""
+
+from flaxhf.models import bert  # noqa: F401

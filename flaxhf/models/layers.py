@@ -1,0 +1,178 @@
+"""Building blocks shared by every model family.
+
+Parameters are named and laid out like their PyTorch counterparts (`weight` is `[out, in]` for a
+linear layer), so a flattened parameter tree *is* a Hugging Face state dict. Every parameter carries
+logical axis names from `flaxhf.sharding.LOGICAL_AXES`.
+"""
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def _gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Same names and formulas as transformers.activations.ACT2FN.
+ACT2FN = {
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
+def get_activation(name: str):
+  """Returns the activation function transformers knows as `name`."""
+  if name not in ACT2FN:
+    raise ValueError(f"Unsupported activation {name!r}; flaxhf supports {sorted(ACT2FN)}.")
+  return ACT2FN[name]
+
+
+def normal_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+  """`torch.nn.Linear`: y = x W^T + b with W stored as [out, in]."""
+
+  features: int
+  axes: tuple  # logical names of (out, in)
+  std: float = 0.02
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w_OxI = self.param(
+        "weight", nn.with_logical_partitioning(normal_init(self.std), self.axes),
+        (self.features, x.shape[-1]), jnp.float32)
+    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w_OxI.astype(self.dtype))
+    if self.use_bias:
+      b_O = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
+          (self.features,), jnp.float32)
+      y = y + b_O.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """`torch.nn.LayerNorm` (`weight`, `bias`); statistics in float32 whatever the compute dtype."""
+
+  eps: float = 1e-12
+  axis_name: str = "embed"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (d,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                      (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Embedding(nn.Module):
+  """`torch.nn.Embedding` (`weight` [num, dim]); the padding row starts at zero as in transformers."""
+
+  num_embeddings: int
+  features: int
+  axes: tuple = ("vocab", "embed")
+  std: float = 0.02
+  padding_idx: Optional[int] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    def init(key, shape, dtype):
+      w = normal_init(self.std)(key, shape, dtype)
+      if self.padding_idx is not None and 0 <= self.padding_idx < shape[0]:
+        w = w.at[self.padding_idx].set(0.0)
+      return w
+
+    self.weight = self.param("weight", nn.with_logical_partitioning(init, self.axes),
+                             (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids):
+    return jnp.take(self.weight, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Projects onto the vocabulary with the (tied) embedding matrix."""
+    return jnp.einsum("...d,vd->...v", x, self.weight.astype(self.dtype))
+
+
+def attention_bias(attention_mask_BxL, dtype):
+  """Additive bias [B, 1, 1, L]: 0 where attended, the dtype's minimum where masked (as transformers)."""
+  mask = attention_mask_BxL[:, None, None, :].astype(bool)
+  return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def dot_product_attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, bias, *, dropout_rate: float,
+                          deterministic: bool, module: nn.Module, dtype):
+  """Scaled dot-product attention; softmax in float32; returns (context [B,L,H,D], probs [B,H,L,S])."""
+  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
+  logits_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxHxD).astype(jnp.float32) * scale
+  if bias is not None:
+    logits_BxHxLxS = logits_BxHxLxS + bias.astype(jnp.float32)
+  probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  probs = probs.astype(dtype)
+  context_BxLxHxD = jnp.einsum("bhls,bshd->blhd", probs, v_BxSxHxD)
+  return context_BxLxHxD, probs
+
+
+def split_heads(x_BxLxE, num_heads):
+  b, l, e = x_BxLxE.shape
+  return x_BxLxE.reshape(b, l, num_heads, e // num_heads)
+
+
+def merge_heads(x_BxLxHxD):
+  b, l, h, d = x_BxLxHxD.shape
+  return x_BxLxHxD.reshape(b, l, h * d)
+
+
+def constrain(x, axes):
+  """Activation sharding hint by logical axes; a no-op outside a mesh with rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class OutputBias(nn.Module):
+  """A bare vocabulary bias, stored as `<name>.bias` like transformers' LM heads."""
+
+  size: int
+
+  @nn.compact
+  def __call__(self):
+    return self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (self.size,), jnp.float32)

@@ -1,0 +1,78 @@
+"""Model outputs: pytrees with the transformers field names that also index like tuples."""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.struct
+
+Array = Any
+
+
+class ModelOutput:
+  """Base for outputs: `out.logits`, `out["logits"]` and `out[0]` (skipping fields that are None)."""
+
+  def to_tuple(self):
+    return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+  def keys(self):
+    return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+  def __getitem__(self, key):
+    if isinstance(key, str):
+      if key not in self.keys():
+        raise KeyError(f"{type(self).__name__} has no field {key!r}; it has {self.keys()}.")
+      return getattr(self, key)
+    return self.to_tuple()[key]
+
+  def __iter__(self):
+    return iter(self.to_tuple())
+
+  def __len__(self):
+    return len(self.to_tuple())
+
+
+@flax.struct.dataclass
+class BaseModelOutput(ModelOutput):
+  last_hidden_state: Array = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+  last_hidden_state: Array = None
+  pooler_output: Optional[Array] = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class SequenceClassifierOutput(ModelOutput):
+  loss: Optional[Array] = None
+  logits: Array = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class TokenClassifierOutput(SequenceClassifierOutput):
+  pass
+
+
+@flax.struct.dataclass
+class MultipleChoiceModelOutput(SequenceClassifierOutput):
+  pass
+
+
+@flax.struct.dataclass
+class MaskedLMOutput(SequenceClassifierOutput):
+  pass
+
+
+@flax.struct.dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+  loss: Optional[Array] = None
+  start_logits: Array = None
+  end_logits: Array = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None

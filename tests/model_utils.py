@@ -1,0 +1,75 @@
+"""Tiny random transformers configs and PyTorch twins for parity tests."""
+
+import numpy as np
+import transformers
+
+VOCAB = 99
+
+# Every architecture at a size that runs in milliseconds; dims divisible by 8 for the sharding tests.
+TINY_CONFIGS = {
+    "bert": lambda **kw: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, **kw),
+    "roberta": lambda **kw: transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=66, type_vocab_size=2, pad_token_id=1, **kw),
+    "electra": lambda **kw: transformers.ElectraConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, **kw),
+}
+
+HEADS = {
+    None: "AutoModel",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "multiple_choice": "AutoModelForMultipleChoice",
+    "masked_lm": "AutoModelForMaskedLM",
+}
+
+
+def torch_model(arch, task, seed=0, **config_kwargs):
+  """A random PyTorch transformers model in eval mode, the twin for parity checks."""
+  import torch
+  torch.manual_seed(seed)
+  config_kwargs.setdefault("num_labels", 2 if task == "question_answering" else 3)
+  config = TINY_CONFIGS[arch](**config_kwargs)
+  model = getattr(transformers, HEADS[task]).from_config(config)
+  model.eval()
+  return model
+
+
+def make_inputs(arch, task, batch=2, length=9, seed=0, choices=3):
+  """Right-padded inputs with two segments; ids avoid the pad id so masks carry the padding."""
+  rng = np.random.RandomState(seed)
+  shape = (batch, choices, length) if task == "multiple_choice" else (batch, length)
+  ids = rng.randint(3, VOCAB, size=shape)
+  mask = np.ones(shape, np.int64)
+  mask[..., -1, length - 3:] = 0  # last row (or choice) right-padded
+  pad = TINY_CONFIGS[arch]().pad_token_id
+  ids = np.where(mask == 1, ids, pad)
+  inputs = {"input_ids": ids, "attention_mask": mask}
+  if arch not in ("distilbert",):
+    tt = np.zeros(shape, np.int64)
+    tt[..., length // 2:] = 1
+    inputs["token_type_ids"] = tt * mask
+  return inputs
+
+
+def torch_outputs(model, inputs, **kwargs):
+  import torch
+  with torch.no_grad():
+    out = model(**{k: torch.tensor(v) for k, v in inputs.items()}, **kwargs)
+  return out
+
+
+def main_outputs(out, task):
+  """The arrays to compare per head (numpy), by transformers field name."""
+  names = {None: ["last_hidden_state", "pooler_output"],
+           "question_answering": ["start_logits", "end_logits"]}.get(task, ["logits"])
+  result = {}
+  for n in names:
+    v = getattr(out, n, None)
+    if v is not None:
+      result[n] = v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)
+  return result
