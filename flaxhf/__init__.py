@@ -1,5 +1,9 @@
 """flaxhf: Flax versions of the transformers models, a sharded trainer, and PyTorch export."""
 
+from flaxhf.models.albert import (
+    FlaxAlbertForMaskedLM, FlaxAlbertForMultipleChoice, FlaxAlbertForQuestionAnswering,
+    FlaxAlbertForSequenceClassification, FlaxAlbertForTokenClassification, FlaxAlbertModel,
+    FlaxAlbertPreTrainedModel)
 from flaxhf.models.auto import (FlaxAutoModel, FlaxAutoModelForMaskedLM,
                                 FlaxAutoModelForMultipleChoice, FlaxAutoModelForQuestionAnswering,
                                 FlaxAutoModelForSequenceClassification,
@@ -12,5 +16,9 @@ from flaxhf.models.bert import (
     FlaxElectraForSequenceClassification, FlaxElectraForTokenClassification, FlaxElectraModel,
     FlaxRobertaForMaskedLM, FlaxRobertaForMultipleChoice, FlaxRobertaForQuestionAnswering,
     FlaxRobertaForSequenceClassification, FlaxRobertaForTokenClassification, FlaxRobertaModel)
+from flaxhf.models.distilbert import (
+    FlaxDistilBertForMaskedLM, FlaxDistilBertForMultipleChoice, FlaxDistilBertForQuestionAnswering,
+    FlaxDistilBertForSequenceClassification, FlaxDistilBertForTokenClassification,
+    FlaxDistilBertModel, FlaxDistilBertPreTrainedModel)
 
 __version__ = "0.1.0"

@@ -16,6 +16,22 @@ TINY_CONFIGS = {
     "electra": lambda **kw: transformers.ElectraConfig(
         vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, **kw),
+    "distilbert": lambda **kw: transformers.DistilBertConfig(**{**dict(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64),
+        **kw}),
+    "albert": lambda **kw: transformers.AlbertConfig(**{**dict(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_hidden_groups=1,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, type_vocab_size=2),
+        **kw}),  # the defaults are overridable, for VARIANTS
+}
+
+# Config switches that take other code paths: (architecture, TINY_CONFIGS overrides).
+VARIANTS = {
+    "distilbert-sinusoidal-untied": ("distilbert", dict(sinusoidal_pos_embds=True,
+                                                        tie_word_embeddings=False)),
+    # 4 steps over 2 groups of 2 layers: steps 0-1 share group 0, steps 2-3 group 1.
+    "albert-groups-untied": ("albert", dict(num_hidden_layers=4, num_hidden_groups=2,
+                                            inner_group_num=2, tie_word_embeddings=False)),
 }
 
 HEADS = {

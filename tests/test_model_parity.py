@@ -8,9 +8,12 @@ import transformers
 
 import flaxhf
 from flaxhf.models.base import REGISTRY
-from model_utils import HEADS, TINY_CONFIGS, main_outputs, make_inputs, torch_model, torch_outputs
+from model_utils import (HEADS, TINY_CONFIGS, VARIANTS, main_outputs, make_inputs, torch_model,
+                         torch_outputs)
 
 CASES = [(arch, task) for arch in TINY_CONFIGS for task in HEADS]
+# Variants change the encoder (and the MLM decoder's tying), so the base model and MLM cover them.
+VARIANT_CASES = [(variant, task) for variant in VARIANTS for task in (None, "masked_lm")]
 AUTO = {None: flaxhf.FlaxAutoModel,
         "sequence_classification": flaxhf.FlaxAutoModelForSequenceClassification,
         "token_classification": flaxhf.FlaxAutoModelForTokenClassification,
@@ -26,9 +29,9 @@ def assert_close(flax_out, torch_out, task, atol=1e-5):
     np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("arch,task", CASES, ids=[f"{a}-{t or 'base'}" for a, t in CASES])
-def test_roundtrip_parity(arch, task, tmp_path):
-  pt = torch_model(arch, task)
+def check_roundtrip(arch, task, tmp_path, **config_kwargs):
+  """PyTorch -> flaxhf (outputs, hidden states, param count) -> save -> PyTorch, no keys left over."""
+  pt = torch_model(arch, task, **config_kwargs)
   pt.save_pretrained(tmp_path / "pt")
   inputs = make_inputs(arch, task)
   want = torch_outputs(pt, inputs, output_hidden_states=True)
@@ -51,6 +54,25 @@ def test_roundtrip_parity(arch, task, tmp_path):
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   assert type(back) is type(pt)
   assert_close(got, torch_outputs(back.eval(), inputs), task)
+
+
+@pytest.mark.parametrize("arch,task", CASES, ids=[f"{a}-{t or 'base'}" for a, t in CASES])
+def test_roundtrip_parity(arch, task, tmp_path):
+  check_roundtrip(arch, task, tmp_path)
+
+
+@pytest.mark.parametrize("variant,task", VARIANT_CASES,
+                         ids=[f"{v}-{t or 'base'}" for v, t in VARIANT_CASES])
+def test_variant_roundtrip_parity(variant, task, tmp_path):
+  arch, config_kwargs = VARIANTS[variant]
+  check_roundtrip(arch, task, tmp_path, **config_kwargs)
+
+
+def test_distilbert_sinusoidal_init_matches_torch():
+  pt = torch_model("distilbert", None, sinusoidal_pos_embds=True)
+  model = flaxhf.FlaxDistilBertModel(pt.config)
+  np.testing.assert_allclose(np.asarray(model.params["embeddings"]["position_embeddings"]["weight"]),
+                             pt.embeddings.position_embeddings.weight.detach().numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))

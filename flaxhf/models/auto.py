@@ -30,13 +30,12 @@ class _AutoModel:
   def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
     """Loads the checkpoint with the flaxhf class its config names."""
     if config is None:
-      from transformers import AutoConfig
       hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
       model_dir = io.resolve_model_dir(pretrained_model_name_or_path, **hub)
       try:
-        config = AutoConfig.from_pretrained(model_dir)
-      except (ValueError, KeyError) as e:
-        raise ValueError(f"Cannot read the config in {model_dir}: {e}") from e
+        config = io.load_config(model_dir)
+      except ValueError as e:
+        raise ValueError(f"{e}\nflaxhf supports model types {sorted(REGISTRY.get(cls.task, {}))}.") from e
       pretrained_model_name_or_path = model_dir
     else:
       config = copy.deepcopy(config)

@@ -72,7 +72,8 @@ class FlaxPreTrainedModel:
   # ---- construction and params -------------------------------------------------------------------
   def dummy_inputs(self):
     ids = jnp.zeros(self.input_shape, jnp.int32)
-    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids),
+    token_type_ids = jnp.zeros_like(ids) if self.uses_token_type_ids else None  # as __call__ passes
+    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=token_type_ids,
                 position_ids=None)
 
   @functools.cached_property
@@ -194,8 +195,7 @@ class FlaxPreTrainedModel:
       hub_kwargs["token"] = hub_kwargs.pop("use_auth_token")
     model_dir = io.resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
     if config is None:
-      from transformers import AutoConfig
-      config = AutoConfig.from_pretrained(model_dir)
+      config = io.load_config(model_dir)
     else:
       config = copy.deepcopy(config)
     want_type = getattr(cls.config_class, "model_type", None)
@@ -242,9 +242,12 @@ class FlaxPreTrainedModel:
     if unexpected_base:
       problems.append(f"unexpected weights: {_fmt(unexpected_base)}")
     if mismatched and not ignore_mismatched_sizes:
+      # Re-initialising is the fix for a resized head only; a mismatched encoder means a wrong config.
+      fix = ("the config does not describe these weights: make its sizes (hidden_size, vocab_size, "
+             "...) match the checkpoint's" if any(in_base(k) for k in mismatched) else
+             "pass ignore_mismatched_sizes=True to re-initialise them, e.g. for a new num_labels")
       problems.append("shape mismatches (checkpoint vs model): " + _fmt(
-          [f"{k} {a} vs {b}" for k, (a, b) in mismatched.items()]) +
-          " (pass ignore_mismatched_sizes=True to re-initialise them, e.g. for a new num_labels)")
+          [f"{k} {a} vs {b}" for k, (a, b) in mismatched.items()]) + f" ({fix})")
     if problems:
       raise ValueError(f"Cannot load {source} into {type(self).__name__}: " + "; ".join(problems) + ".")
     fresh = missing | set(mismatched)
@@ -311,3 +314,12 @@ def model_class(name: str, family_base: type, module_class, task: Optional[str])
   model_type = family_base.config_class.model_type
   REGISTRY.setdefault(task, {})[model_type] = cls
   return cls
+
+
+def model_family(arch: str, config_class, prefix: str, heads: dict, **attrs):
+  """Declares `Flax{arch}PreTrainedModel` (class `attrs`) and a public class per (module, task) head."""
+  module = next(iter(heads.values()))[0].__module__
+  base = type(f"Flax{arch}PreTrainedModel", (FlaxPreTrainedModel,),
+              dict(config_class=config_class, base_model_prefix=prefix, __module__=module, **attrs))
+  return base, {head: model_class(f"Flax{arch}{head}", base, module_class, task)
+                for head, (module_class, task) in heads.items()}

@@ -4,12 +4,14 @@ RoBERTa offsets positions past the padding index; ELECTRA embeds in `embedding_s
 Module and parameter names equal transformers' PyTorch names.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 from transformers import BertConfig, ElectraConfig, RobertaConfig
 
 from flaxhf.models import outputs as O
-from flaxhf.models.base import FlaxPreTrainedModel, model_class
+from flaxhf.models.base import model_family
 from flaxhf.models.layers import (Embedding, LayerNorm, Linear, OutputBias, attention_bias, constrain,
                                   dot_product_attention, get_activation, merge_heads, split_heads)
 
@@ -251,13 +253,7 @@ _HEADS = {
     "ForMaskedLM": (BertForMaskedLMModule, "masked_lm"),
 }
 
-
-def _family(arch, config_class, prefix):
-  base = type(f"Flax{arch}PreTrainedModel", (FlaxPreTrainedModel,),
-              dict(config_class=config_class, base_model_prefix=prefix, ignore_on_load=_TIED))
-  return base, {head: model_class(f"Flax{arch}{head}", base, module, task)
-                for head, (module, task) in _HEADS.items()}
-
+_family = functools.partial(model_family, heads=_HEADS, ignore_on_load=_TIED)
 
 FlaxBertPreTrainedModel, _bert = _family("Bert", BertConfig, "bert")
 FlaxBertModel = _bert["Model"]

@@ -40,12 +40,25 @@ def resolve_model_dir(name_or_path: str, *, revision: Optional[str] = None,
         name_or_path, revision=revision, cache_dir=cache_dir, token=token,
         allow_patterns=_HUB_PATTERNS, local_files_only=offline)
   except Exception as e:  # the hub client raises many types: name them all one way
-    why = ("the hub is off (HF_HUB_OFFLINE=1 or local_files_only=True) and it is not in the cache"
+    why = ("the hub is offline (HF_HUB_OFFLINE=1 or local_files_only=True) and it is not in the cache"
            if offline else f"the hub could not be reached or has no such repo ({type(e).__name__}: {e})")
     raise OSError(
         f"Cannot load {name_or_path!r}: {why}. Either download it where the network is reachable "
         f"(`huggingface-cli download {name_or_path}`) into the cache, or pass a local folder "
         f"that holds config.json and model.safetensors.") from e
+
+
+def load_config(model_dir: str):
+  """The transformers config in a model folder, with a clear error when it is absent or unreadable."""
+  if not os.path.isfile(os.path.join(model_dir, CONFIG)):
+    raise FileNotFoundError(
+        f"No {CONFIG} in {model_dir}: the folder needs the checkpoint's config. Copy it there, or "
+        f"pass config=transformers.AutoConfig.from_pretrained(...) to from_pretrained.")
+  from transformers import AutoConfig  # imported late: pure Python, but slow to import
+  try:
+    return AutoConfig.from_pretrained(model_dir)
+  except (ValueError, KeyError) as e:  # transformers' words for an unknown model_type
+    raise ValueError(f"Cannot read the config in {model_dir}: {e}") from e
 
 
 def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -91,7 +104,8 @@ def load_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
   present = sorted(os.listdir(model_dir))
   raise FileNotFoundError(
       f"No weights in {model_dir}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} or {PT_WEIGHTS}; "
-      f"found {present}. Pass `_do_init=True` with a config to start from random weights.")
+      f"found {present}. To start from random weights instead, build the model from its config: "
+      f"flaxhf.FlaxAutoModel.from_config(transformers.AutoConfig.from_pretrained(path)).")
 
 
 def save_safetensors(state: Dict[str, np.ndarray], model_dir: str):

@@ -6,7 +6,7 @@ logical axis names from `flaxhf.sharding.LOGICAL_AXES`.
 """
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -110,11 +110,12 @@ class Embedding(nn.Module):
   axes: tuple = ("vocab", "embed")
   std: float = 0.02
   padding_idx: Optional[int] = None
+  embedding_init: Optional[Callable] = None  # replaces the normal init (DistilBERT's sinusoidal table)
   dtype: Dtype = jnp.float32
 
   def setup(self):
     def init(key, shape, dtype):
-      w = normal_init(self.std)(key, shape, dtype)
+      w = (self.embedding_init or normal_init(self.std))(key, shape, dtype)
       if self.padding_idx is not None and 0 <= self.padding_idx < shape[0]:
         w = w.at[self.padding_idx].set(0.0)
       return w
