@@ -20,5 +20,6 @@ from flaxhf.models.distilbert import (
     FlaxDistilBertForMaskedLM, FlaxDistilBertForMultipleChoice, FlaxDistilBertForQuestionAnswering,
     FlaxDistilBertForSequenceClassification, FlaxDistilBertForTokenClassification,
     FlaxDistilBertModel, FlaxDistilBertPreTrainedModel)
+from flaxhf.pipelines import pipeline
 
 __version__ = "0.1.0"

@@ -89,7 +89,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   devices = jax.devices() if devices is None else devices
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"At most one mesh axis may be -1; got data={data}, fsdp={fsdp}, tensor={tensor}.")
+    raise ValueError(f"At most one mesh axis may be -1; got data={data}, fsdp={fsdp}, tensor={tensor} "
+                     f"(data defaults to -1: pass data=1 to give the rest of the devices to another axis).")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:

@@ -185,7 +185,8 @@ class FlaxPreTrainedModel:
     if model_args:
       raise TypeError("from_pretrained takes the path and keyword arguments only.")
     if trust_remote_code:
-      raise ValueError("trust_remote_code=True is not supported: flaxhf runs only its own model code.")
+      raise ValueError("trust_remote_code=True is not supported: flaxhf runs only its own model code. "
+                       "Drop the argument; flaxhf.FlaxAutoModel... lists the model types it implements.")
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _V4_KWARGS}
     if hub_kwargs.pop("subfolder", None):
       raise NotImplementedError("subfolder= is not supported; pass the sub-folder's path instead.")

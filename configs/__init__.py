@@ -1,0 +1,1 @@
+"""ml_collections config files, one per task: `--config configs/<task>.py[:ARGS]`."""

@@ -1,0 +1,351 @@
+"""The training engine: one jit-compiled optax loop over a `data x fsdp x tensor` device mesh.
+
+The same code runs on one CPU, a GPU host or a multi-host pod: the state is a pytree of global
+arrays placed by the model's logical-axis rules, each process feeds its share of every batch, and
+checkpoints hold everything needed to resume exactly (params, optimizer, step, RNG; the data
+position is a pure function of the step).
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flaxhf import sharding
+from flaxhf.checkpoint import Checkpointer, read_meta
+from flaxhf.data import batching
+from flaxhf.models import io
+from flaxhf.train import optim
+from flaxhf.train.logger import RunLogger
+from flaxhf.train.tasks import get_task
+
+log = logging.getLogger("flaxhf")
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def _dtype(name: str):
+  table = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+  if name not in table:
+    raise ValueError(f"model.dtype {name!r} is not one of {sorted(table)}.")
+  return table[name]
+
+
+def module_inputs(model, batch):
+  """The Linen module's inputs from a batch dict (token types only for models that have them)."""
+  ids = batch["input_ids"]
+  tt = batch.get("token_type_ids") if model.uses_token_type_ids else None
+  if model.uses_token_type_ids and tt is None:
+    tt = jnp.zeros_like(ids)
+  return dict(input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=tt,
+              position_ids=None)
+
+
+def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_shardings):
+  """The jitted step (state, batch) -> (state, metrics): sharded in and out, state donated."""
+  module, k = model.module, grad_accum_steps
+  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+
+  def loss_fn(params, batch, rng):
+    out = module.apply({"params": params}, **module_inputs(model, batch), deterministic=False,
+                       rngs={"dropout": rng})
+    return task.loss(out, batch)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    params = state["params"]
+    if k == 1:
+      (loss_sum, count), grads = grad_fn(params, batch, rng)
+    else:
+      # Microbatch j takes rows j, j+k, ... so every microbatch spans all batch shards.
+      micro = jax.tree_util.tree_map(
+          lambda x: jax.lax.with_sharding_constraint(
+              x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+              NamedSharding(mesh, P(None, BATCH_AXES))), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (s, n), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree_util.tree_map(jnp.add, carry, (g, s, n)), None
+
+      zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+      (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    # Sum-then-divide makes accumulation exactly equal to one big batch, token losses included.
+    count = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "rng": state["rng"],
+                 "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"])}
+    return new_state, metrics
+
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def make_state_shardings(model, tx, mesh, rules):
+  """Shardings and abstract shapes of the train state {step, rng, params, opt_state}."""
+  param_shardings = sharding.param_shardings(model, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  abstract_params = jax.tree_util.tree_map(
+      lambda shape, s: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s),
+      model.param_shapes(), param_shardings, is_leaf=lambda x: isinstance(x, tuple))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimizer moments follow their parameter's sharding; counters are replicated.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  shardings = {"step": replicated, "rng": replicated, "params": param_shardings,
+               "opt_state": opt_shardings}
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+       "params": abstract_params, "opt_state": abstract_opt}, shardings)
+  return shardings, abstract
+
+
+def init_state(tx, params, seed, state_shardings):
+  """A fresh train state on its shardings: optimizer initialised where its params live."""
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), state_shardings["rng"])
+  step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"])
+  return {"step": step, "rng": rng, "params": params, "opt_state": opt_state}
+
+
+class Trainer:
+  """Builds the mesh, model, optimizer and data for `cfg`, then `fit()` trains, evaluates, exports."""
+
+  def __init__(self, cfg, workdir: str, devices=None):
+    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.is_main = jax.process_index() == 0
+    os.makedirs(self.workdir, exist_ok=True)
+    self.task = get_task(cfg)
+    self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    self._check_batch_sizes()
+
+    from transformers import AutoConfig, AutoTokenizer
+    model_dir = io.resolve_model_dir(cfg.model.name_or_path)
+    tok_dir = io.resolve_model_dir(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
+    self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    self.data = self.task.prepare(self.tokenizer)
+    if self.data.train is None or len(self.data.train) == 0:
+      raise ValueError("The training split is empty: check data.train_file / data.dataset.")
+    model_config = AutoConfig.from_pretrained(model_dir)
+    self.task.configure_model(model_config, self.data)
+
+    self.steps_per_epoch = batching.steps_per_epoch(len(self.data.train), cfg.train.batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{len(self.data.train)} training examples do not fill one batch of "
+                       f"{cfg.train.batch_size}; lower train.batch_size.")
+    self.total_steps = int(cfg.train.steps) if cfg.train.steps else int(
+        math.ceil(cfg.train.epochs * self.steps_per_epoch))
+    self.tx, self.schedule = optim.make_optimizer(cfg.train, self.total_steps)
+
+    metric, mode = self.task.main_metric
+    self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                             best_metric=metric, best_mode=mode,
+                             async_save=cfg.checkpoint.async_save)
+    resume_step = self.ckpt.latest_step()
+    dtype = _dtype(cfg.model.dtype)
+    cls = self.task.auto_class.model_class_for(model_config)
+    if resume_step is not None or cfg.model.from_scratch:
+      self.model = cls(model_config, dtype=dtype, _do_init=False)
+      params = None
+    else:
+      self.model = cls.from_pretrained(model_dir, config=model_config, dtype=dtype, mesh=self.mesh,
+                                       rules=cfg.mesh.rules, seed=cfg.train.seed)
+      params = self.model.params
+    self._build_shardings()
+    self.state, self.start_step = self._init_state(params, resume_step)
+    self._train_step = self._compile_train_step()
+    self._eval_step = self._compile_eval_step()
+    if self.is_main:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+      self.tokenizer.save_pretrained(os.path.join(self.workdir, "tokenizer"))
+
+  # ---- set-up ------------------------------------------------------------------------------------
+  def _check_batch_sizes(self):
+    t, shards = self.cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    k = t.grad_accum_steps
+    if k < 1 or t.batch_size % k:
+      raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of "
+                       f"train.grad_accum_steps={k}.")
+    for name, size in (("train.batch_size / grad_accum_steps", t.batch_size // k),
+                       ("train.eval_batch_size", t.eval_batch_size)):
+      if size % shards:
+        raise ValueError(f"{name} = {size} must divide evenly over the {shards} batch shards "
+                         f"(mesh data x fsdp); pick a multiple of {shards}.")
+      if size % jax.process_count():
+        raise ValueError(f"{name} = {size} must divide over {jax.process_count()} processes.")
+
+  def _build_shardings(self):
+    self.param_shardings = sharding.param_shardings(self.model, self.mesh, self.cfg.mesh.rules)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.state_shardings, self.abstract_state = make_state_shardings(
+        self.model, self.tx, self.mesh, self.cfg.mesh.rules)
+
+  def _init_state(self, params, resume_step):
+    if resume_step is not None:
+      state, meta = self.ckpt.restore(resume_step, self.abstract_state)
+      log.warning("Resuming from step %d (checkpoint in %s).", resume_step, self.ckpt.directory)
+      return state, int(meta.get("step", resume_step))
+    if params is None:  # from scratch: initialise straight into the shards
+      params = self.model.init_weights(jax.random.key(self.cfg.train.seed),
+                                       shardings=self.param_shardings)
+    self.model._params = None  # the state owns the params from here on
+    return init_state(self.tx, params, self.cfg.train.seed, self.state_shardings), 0
+
+  def _compile_train_step(self):
+    return build_train_step(self.model, self.task, self.tx, self.schedule,
+                            self.cfg.train.grad_accum_steps, self.mesh, self.state_shardings)
+
+  def _compile_eval_step(self):
+    module, task = self.model.module, self.task
+
+    def eval_fn(params, batch):
+      out = module.apply({"params": params}, **module_inputs(self.model, batch), deterministic=True)
+      return task.predict(out, batch), batch["example_index"], batch["example_mask"]
+
+    return jax.jit(eval_fn, in_shardings=(self.param_shardings, self.batch_sharding),
+                   out_shardings=self.replicated)
+
+  def _device_batch(self, local_batch):
+    """Assembles each process's rows into global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def _pad_values(self):
+    return {"input_ids": self.tokenizer.pad_token_id or 0, "labels": -100}
+
+  # ---- loops -------------------------------------------------------------------------------------
+  def evaluate(self, params=None) -> dict:
+    """Predicts every eval example exactly once and computes the task's metrics."""
+    if self.data.eval is None:
+      return {}
+    params = self.state["params"] if params is None else params
+    n = len(self.data.eval)
+    preds = None
+    for batch in batching.eval_batches(
+        self.data.eval, global_batch_size=self.cfg.train.eval_batch_size,
+        buckets=batching.DEFAULT_BUCKETS, max_length=self.cfg.data.max_length,
+        pad_values=self._pad_values(), process_index=jax.process_index(),
+        process_count=jax.process_count()):
+      batch = {k: v for k, v in batch.items() if k in self._eval_keys(batch)}
+      p, idx, mask = jax.device_get(self._eval_step(params, self._device_batch(batch)))
+      if preds is None:
+        preds = np.zeros((n,) + p.shape[1:], p.dtype)
+      keep = mask.astype(bool)
+      preds[idx[keep]] = p[keep]
+    return self.task.metrics(preds, self.data)
+
+  def _eval_keys(self, batch):
+    return set(self.task.model_inputs) | set(self.task.label_fields) | {"example_index",
+                                                                        "example_mask"}
+
+  def fit(self) -> dict:
+    """Trains to `total_steps` from wherever the workdir left off; returns the final eval metrics."""
+    cfg, total = self.cfg, self.total_steps
+    logger = RunLogger(self.workdir, total, self.start_step, cfg.train.progress_bar)
+    keys = set(self.task.model_inputs) | set(self.task.label_fields)
+    batches = batching.train_batches(
+        self.data.train, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+        start_step=self.start_step, buckets=batching.DEFAULT_BUCKETS,
+        max_length=cfg.data.max_length, pad_values=self._pad_values(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        group_by_length=cfg.data.group_by_length)
+    window, last_metrics = [], {}
+    logger.reset_clock(self.start_step)
+    for step in range(self.start_step + 1, total + 1):
+      local = {k: v for k, v in next(batches).items() if k in keys}
+      logger.count_tokens(int(local["attention_mask"].sum()) * jax.process_count())
+      self.state, metrics = self._train_step(self.state, self._device_batch(local))
+      window.append(metrics)
+      logger.step_done(step)
+      if step % cfg.train.log_every == 0 or step == total:
+        host = jax.device_get(window)
+        logger.train(step, {"loss": float(np.mean([m["loss"] for m in host])),
+                            "grad_norm": float(host[-1]["grad_norm"]),
+                            "learning_rate": float(host[-1]["learning_rate"]), "epoch":
+                            step / self.steps_per_epoch})
+        window = []
+      eval_due = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+      eval_metrics = self.evaluate() if eval_due else None
+      if eval_metrics:
+        logger.write("eval", step, eval_metrics)
+        last_metrics = eval_metrics
+      if step == total or step % cfg.checkpoint.every_steps == 0 or eval_metrics:
+        self.ckpt.save(step, self.state, meta=self._meta(step), metrics=eval_metrics or None,
+                       force=True)
+      if eval_due or step % cfg.checkpoint.every_steps == 0:
+        logger.reset_clock(step)
+    if self.start_step >= total:
+      log.warning("The workdir already holds the final step %d: evaluating and exporting again.", total)
+      last_metrics = self.evaluate()
+    self.ckpt.wait_until_finished()
+    logger.close()
+    return self._finish(last_metrics)
+
+  def _meta(self, step):
+    return {"step": int(step), "config": json.loads(self.cfg.to_json_best_effort()),
+            "model_class": type(self.model).__name__, "model_config": self.model.config.to_dict(),
+            "total_steps": self.total_steps}
+
+  def _finish(self, final_metrics) -> dict:
+    """Exports the best (or last) step to PyTorch format and writes eval_results.json."""
+    params, exported = self.state["params"], self.total_steps
+    best = self.ckpt.best_step() if self.cfg.checkpoint.export_best else None
+    if best is not None and best != self.total_steps:
+      params = self.ckpt.restore(best, self.abstract_state)[0]["params"]
+      exported = best
+    export_dir = os.path.join(self.workdir, "export")
+    self.model.save_pretrained(export_dir, params=params)  # all processes gather, process 0 writes
+    results = {**final_metrics, "step": self.total_steps, "exported_step": exported}
+    if self.is_main:
+      self.tokenizer.save_pretrained(export_dir)
+      with open(os.path.join(self.workdir, "eval_results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def run(cfg, workdir: str, devices=None) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns the final metrics."""
+  trainer = Trainer(cfg, workdir, devices)
+  try:
+    return trainer.fit()
+  finally:
+    trainer.ckpt.close()
+
+
+def export_checkpoint(step_dir: str, out_dir: str, tokenizer_dir: Optional[str] = None) -> str:
+  """Exports one Orbax checkpoint folder (`WORKDIR/checkpoints/STEP`) as a PyTorch model folder."""
+  from transformers import AutoConfig
+
+  import flaxhf
+  from flaxhf.checkpoint import restore_arrays
+  meta = read_meta(step_dir)
+  config_dict = dict(meta["model_config"])
+  config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+  cls = getattr(flaxhf, meta["model_class"])
+  model = cls(config, _do_init=False)
+  model.save_pretrained(out_dir, params=restore_arrays(step_dir)["params"])
+  tokenizer_dir = tokenizer_dir or os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(step_dir))), "tokenizer")
+  if os.path.isdir(tokenizer_dir):
+    for name in os.listdir(tokenizer_dir):
+      shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
+  return out_dir

@@ -1,0 +1,86 @@
+"""Run logging on process 0: metrics.jsonl, TensorBoard events and a progress bar."""
+
+import json
+import logging
+import os
+import time
+
+import jax
+
+log = logging.getLogger("flaxhf")
+
+
+class RunLogger:
+  """Writes one JSON object per log/eval event; other processes write nothing."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, progress_bar: bool = True):
+    self.active = jax.process_index() == 0
+    self.total, self.last_time, self.last_step = total_steps, None, start_step
+    self.tokens = 0
+    self._bar = self._tb = self._file = None
+    if not self.active:
+      return
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      log.warning("tensorboardX is not installed: no TensorBoard events.")
+    if progress_bar:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+  def count_tokens(self, n: int):
+    self.tokens += n
+
+  def reset_clock(self, step: int):
+    """Restarts the throughput clock after a pause (eval, checkpoint, compilation)."""
+    self.last_time, self.last_step, self.tokens = time.perf_counter(), step, 0
+
+  def step_done(self, step: int):
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def train(self, step: int, metrics: dict):
+    """Logs train metrics; adds tokens/s measured since the last train log."""
+    now = time.perf_counter()
+    if self.last_time is not None and step > self.last_step:
+      metrics["tokens_per_sec"] = self.tokens / (now - self.last_time)
+      metrics["steps_per_sec"] = (step - self.last_step) / (now - self.last_time)
+    self.last_time, self.last_step, self.tokens = now, step, 0
+    self.write("train", step, metrics)
+    if self._bar is not None:
+      post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
+      if "tokens_per_sec" in metrics:
+        post["tok/s"] = f"{metrics['tokens_per_sec']:.0f}"
+      self._bar.set_postfix(post)
+
+  def write(self, kind: str, step: int, metrics: dict):
+    if not self.active:
+      return
+    record = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self._tb.add_scalar(f"{kind}/{k}", v, step)
+    if kind != "train" or self._bar is None:
+      summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in record.items() if k != "kind")
+      (self._bar.write if self._bar is not None else log.info)(f"[{kind}] {summary}")
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._file is not None:
+      self._file.close()
+
+
+def _plain(v):
+  try:
+    return v.item() if hasattr(v, "item") else v
+  except (TypeError, ValueError):
+    return v

@@ -1,0 +1,75 @@
+"""Tiny offline training set-ups: a small BERT with a real WordPiece vocab and a synthetic task."""
+
+import os
+import shutil
+
+import numpy as np
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "boring", "dull"]
+FILLER = ["the", "movie", "was", "a", "plot", "and", "actors", "story", "it", "really", "very",
+          "quite", "film", "ending", "music", "scenes"]
+
+
+def write_sentiment_tsv(path, n, seed, string_labels=False, header=("sentence", "label")):
+  """Sentences whose label is set by one sentiment word among filler: learnable in a few steps."""
+  rng = np.random.RandomState(seed)
+  rows = []
+  for _ in range(n):
+    label = int(rng.randint(2))
+    words = list(rng.choice(FILLER, size=rng.randint(3, 20)))
+    words.insert(rng.randint(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+    rows.append((" ".join(words), ("pos" if label else "neg") if string_labels else str(label)))
+  with open(path, "w") as f:
+    f.write("\t".join(header) + "\n")
+    for r in rows:
+      f.write("\t".join(r) + "\n")
+  return str(path)
+
+
+def tiny_bert_dir(path, minilm_path, seed=0, hidden=32, layers=2):
+  """A random 2-layer BERT with MiniLM's tokenizer files, saved as a Hugging Face folder."""
+  import transformers
+
+  import flaxhf
+  config = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, intermediate_size=2 * hidden,
+                                   max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+  flaxhf.FlaxBertModel(config, seed=seed).save_pretrained(path)
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    src = os.path.join(minilm_path, name)
+    if os.path.exists(src):
+      shutil.copy(src, path)
+  return str(path)
+
+
+def tiny_config(model_dir, train_file, validation_file, **overrides):
+  """A locked text-classification config for a seconds-long run; overrides as dotted keys."""
+  from configs.text_classification import get_config
+  cfg = get_config("smoke")
+  cfg.model.name_or_path = model_dir
+  cfg.data.dataset = None
+  cfg.data.subset = None
+  cfg.data.train_file = train_file
+  cfg.data.validation_file = validation_file
+  cfg.data.text_columns = "sentence"
+  cfg.data.task_name = None
+  cfg.data.max_eval_samples = None
+  cfg.train.learning_rate = 1e-3
+  cfg.train.log_every = 1
+  cfg.train.progress_bar = False
+  cfg.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def read_jsonl(path, kind="train"):
+  import json
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]

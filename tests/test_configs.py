@@ -1,0 +1,40 @@
+"""Every config file loads with each documented arg string; mistyped keys fail loudly."""
+
+import importlib
+
+import pytest
+
+ARGS = {
+    "text_classification": ["", "smoke", "local", "local,smoke", "mrpc", "cola,local", "stsb,local",
+                            "rte,local,smoke", "sst2,model=bert-base-cased", "local,steps=10"],
+}
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_config_loads(name, arg):
+  cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+  assert cfg.task == name
+  assert cfg.train.batch_size > 0 and cfg.data.max_length > 0
+  if "smoke" in arg:
+    assert cfg.train.steps <= 10
+  if "local" in arg:
+    assert cfg.data.train_file and cfg.data.dataset is None
+    assert cfg.model.name_or_path.endswith("model")
+  if "model=" in arg:
+    assert cfg.model.name_or_path == "bert-base-cased"
+  if "steps=10" in arg:
+    assert cfg.train.steps == 10
+
+
+def test_locked_config_rejects_typos():
+  cfg = importlib.import_module("configs.text_classification").get_config("smoke")
+  with pytest.raises(AttributeError, match="learning_rate"):
+    cfg.train.learning_rat = 1e-3
+  with pytest.raises(ValueError, match="valid"):
+    importlib.import_module("configs.text_classification").get_config("smok")
+
+
+def test_config_files_cover_documented_tasks():
+  from flaxhf.train.tasks import TASKS
+  for name in TASKS:
+    assert name in ARGS, f"configs/{name}.py has no documented arg strings under test"

@@ -1,0 +1,120 @@
+"""The training engine on a tiny BERT: sharding parity, accumulation, export, resume, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from engine_utils import read_jsonl, tiny_bert_dir, tiny_config, write_sentiment_tsv
+from flaxhf import sharding
+from flaxhf.models.base import flatten
+from flaxhf.train import engine
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, minilm_path):
+  root = tmp_path_factory.mktemp("engine")
+  return dict(model=tiny_bert_dir(root / "model", minilm_path),
+              train=write_sentiment_tsv(root / "train.tsv", 256, seed=0),
+              dev=write_sentiment_tsv(root / "dev.tsv", 70, seed=1), root=root)
+
+
+def train(setup, workdir, devices=None, **overrides):
+  cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **overrides)
+  trainer = engine.Trainer(cfg, str(workdir), devices)
+  try:
+    results = trainer.fit()
+  finally:
+    trainer.ckpt.close()
+  losses = [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+  return trainer, results, np.array(losses)
+
+
+@pytest.mark.parametrize("rules,mesh", [("dp", dict(data=8)), ("fsdp", dict(data=2, fsdp=4)),
+                                        ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))])
+def test_sharded_training_matches_one_device(setup, tmp_path, rules, mesh):
+  _, _, want = train(setup, tmp_path / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
+  overrides = {"mesh.rules": rules, "mesh.data": mesh.get("data", 1),
+               "mesh.fsdp": mesh.get("fsdp", 1), "mesh.tensor": mesh.get("tensor", 1)}
+  trainer, _, got = train(setup, tmp_path / rules, **overrides)
+  assert len(got) == len(want) == 8
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # Every parameter sits on the mesh exactly as its rule table says.
+  specs = flatten(sharding.param_partition_specs(trainer.model, rules, trainer.mesh))
+  for name, arr in flatten(trainer.state["params"]).items():
+    assert arr.sharding.spec == specs[name], name
+    shard = arr.addressable_shards[0].data.shape
+    expect = tuple(d // int(np.prod([trainer.mesh.shape[a] for a in
+                                     ((ax,) if isinstance(ax, str) else (ax or ()))]))
+                   for d, ax in zip(arr.shape, tuple(specs[name]) + (None,) * arr.ndim))
+    assert shard == expect, name
+  if rules == "fsdp_tp":
+    q = flatten(trainer.state["params"])["bert.encoder.layer.0.attention.self.query.weight"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_grad_accumulation_equals_big_batch(setup, tmp_path):
+  _, _, want = train(setup, tmp_path / "k1", **{"train.grad_accum_steps": 1})
+  _, _, got = train(setup, tmp_path / "k2", **{"train.grad_accum_steps": 2, "mesh.data": 4},
+                    devices=jax.devices()[:4])
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):
+  import torch
+  import transformers
+  # The real MiniLM checkpoint learns the synthetic sentiment task in a few steps.
+  setup = dict(setup, model=minilm_path)
+  long_run = {"train.steps": 20, "train.batch_size": 16, "train.learning_rate": 1e-4,
+              "checkpoint.every_steps": 8}
+  trainer, results, losses = train(setup, tmp_path, **long_run)
+  assert losses[-5:].mean() < losses[:5].mean() - 0.15
+  assert results["accuracy"] > 0.9  # chance is ~0.5 on this balanced synthetic task
+  for name in ("metrics.jsonl", "eval_results.json", "config.json", "export/config.json",
+               "export/model.safetensors", "export/tokenizer_config.json"):
+    assert os.path.exists(tmp_path / name), name
+  assert sorted(trainer.ckpt.all_steps())[-1] == 20
+  assert os.listdir(tmp_path / "tensorboard")
+  saved = json.load(open(tmp_path / "eval_results.json"))
+  assert saved["accuracy"] == pytest.approx(results["accuracy"])
+  train_rows = read_jsonl(tmp_path / "metrics.jsonl")
+  assert {"step", "loss", "learning_rate"} <= set(train_rows[0])
+  # The exported folder is a PyTorch model with flaxhf's dev predictions.
+  pt = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+  texts = [line.split("\t")[0] for line in open(setup["dev"]).read().splitlines()[1:]]
+  labels = np.array([int(line.split("\t")[1]) for line in open(setup["dev"]).read().splitlines()[1:]])
+  with torch.no_grad():
+    logits = pt(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+  acc = float((logits.argmax(-1) == labels).mean())
+  assert acc == pytest.approx(results["accuracy"], abs=1e-9)
+  # Rerunning the finished workdir resumes (nothing left to train) and says so.
+  with caplog.at_level("WARNING", logger="flaxhf"):
+    _, again, _ = train(setup, tmp_path, **long_run)
+  assert "Resuming from step 20" in caplog.text
+  assert again["accuracy"] == pytest.approx(results["accuracy"])
+
+
+def test_bad_inputs_fail_clearly(setup, tmp_path):
+  with pytest.raises(ValueError, match="text_columns|column"):
+    train(setup, tmp_path / "a", **{"data.text_columns": "sentense"})
+  empty = tmp_path / "empty.tsv"
+  empty.write_text("sentence\tlabel\n")
+  with pytest.raises(ValueError, match="empty"):
+    cfg = tiny_config(setup["model"], str(empty), setup["dev"])
+    engine.Trainer(cfg, str(tmp_path / "b"))
+  dev = write_sentiment_tsv(tmp_path / "dev_str.tsv", 10, seed=3, string_labels=True)
+  train_str = write_sentiment_tsv(tmp_path / "train_str.tsv", 64, seed=3, string_labels=True)
+  with open(dev, "a") as f:
+    f.write("a film\tmeh\n")
+  with pytest.raises(ValueError, match="meh"):
+    engine.Trainer(tiny_config(setup["model"], train_str, dev), str(tmp_path / "c"))
+  cfg = tiny_config(setup["model"], setup["train"], setup["dev"])
+  cfg.model.name_or_path = "bert-base-uncased"  # a hub id, but the hub is off in tests
+  with pytest.raises(OSError, match="local folder"):
+    engine.Trainer(cfg, str(tmp_path / "d"))
+  with pytest.raises(ValueError, match="multiple"):
+    engine.Trainer(tiny_config(setup["model"], setup["train"], setup["dev"],
+                               **{"train.batch_size": 12}), str(tmp_path / "e"))
