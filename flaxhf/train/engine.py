@@ -56,8 +56,10 @@ def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_sh
   batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
 
   def loss_fn(params, batch, rng):
+    mask_rng, dropout_rng = jax.random.split(rng)
+    batch = task.device_transform(batch, mask_rng, train=True)
     out = module.apply({"params": params}, **module_inputs(model, batch), deterministic=False,
-                       rngs={"dropout": rng})
+                       rngs={"dropout": dropout_rng})
     return task.loss(out, batch)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -218,6 +220,8 @@ class Trainer:
     module, task = self.model.module, self.task
 
     def eval_fn(params, batch):
+      # A fixed key: eval-time corruption (MLM masking) is the same at every evaluation.
+      batch = task.device_transform(batch, jax.random.key(0), train=False)
       out = module.apply({"params": params}, **module_inputs(self.model, batch), deterministic=True)
       return task.predict(out, batch), batch["example_index"], batch["example_mask"]
 
@@ -230,7 +234,8 @@ class Trainer:
             for k, v in local_batch.items()}
 
   def _pad_values(self):
-    return {"input_ids": self.tokenizer.pad_token_id or 0, "labels": -100}
+    return {"input_ids": self.tokenizer.pad_token_id or 0, "labels": -100,
+            **getattr(self.data, "pad_values", {})}
 
   # ---- loops -------------------------------------------------------------------------------------
   def evaluate(self, params=None) -> dict:
@@ -238,8 +243,7 @@ class Trainer:
     if self.data.eval is None:
       return {}
     params = self.state["params"] if params is None else params
-    n = len(self.data.eval)
-    preds = None
+    preds = [None] * len(self.data.eval)
     for batch in batching.eval_batches(
         self.data.eval, global_batch_size=self.cfg.train.eval_batch_size,
         buckets=batching.DEFAULT_BUCKETS, max_length=self.cfg.data.max_length,
@@ -247,10 +251,8 @@ class Trainer:
         process_count=jax.process_count()):
       batch = {k: v for k, v in batch.items() if k in self._eval_keys(batch)}
       p, idx, mask = jax.device_get(self._eval_step(params, self._device_batch(batch)))
-      if preds is None:
-        preds = np.zeros((n,) + p.shape[1:], p.dtype)
-      keep = mask.astype(bool)
-      preds[idx[keep]] = p[keep]
+      for row in np.flatnonzero(mask):  # per-example pytrees: lengths differ between buckets
+        preds[idx[row]] = jax.tree_util.tree_map(lambda a, r=row: a[r], p)
     return self.task.metrics(preds, self.data)
 
   def _eval_keys(self, batch):

@@ -27,16 +27,20 @@ class Task:
   def configure_model(self, config, task_data):
     """Writes task facts (labels, problem type) into the transformers config before loading."""
 
+  def device_transform(self, batch, rng, train: bool):
+    """Jit-side batch corruption before the forward pass (e.g. MLM masking); identity by default."""
+    return batch
+
   def loss(self, outputs, batch):
     """(sum of per-example losses, number of examples or tokens) for one (micro)batch."""
     raise NotImplementedError
 
   def predict(self, outputs, batch):
-    """Per-example predictions computed on device (e.g. argmax), returned to the host."""
+    """Per-example predictions computed on device (a pytree of arrays with a batch axis)."""
     raise NotImplementedError
 
   def metrics(self, predictions, task_data) -> dict:
-    """Eval metrics from predictions in example order."""
+    """Eval metrics from a list of per-example prediction pytrees, in example order."""
     raise NotImplementedError
 
   @property
@@ -69,7 +73,7 @@ class TextClassification(Task):
       config.id2label = {i: str(l) for i, l in enumerate(task_data.label_list)}
       config.label2id = {str(l): i for i, l in enumerate(task_data.label_list)}
     self.problem_type = task_data.problem_type
-    self.task_name = getattr(self.cfg.data, "task_name", None)
+    self.task_name = getattr(task_data, "task_name", None) or self.cfg.data.get("task_name")
 
   def loss(self, outputs, batch):
     logits, labels = outputs.logits.astype(jnp.float32), batch["labels"]
@@ -91,8 +95,8 @@ class TextClassification(Task):
 
   def metrics(self, predictions, task_data):
     labels = np.asarray(task_data.eval.values["labels"])
-    key = self.task_name if self.task_name else self.problem_type
-    return M.classification_metrics(key, np.asarray(predictions), labels)
+    return M.classification_metrics(self.task_name, np.stack(predictions), labels,
+                                    problem_type=self.problem_type)
 
   @property
   def main_metric(self):
