@@ -1,5 +1,6 @@
 """`flaxhf.pipeline(task, model=..., tokenizer=...)`: transformers-style inference on the Flax models."""
 
+import glob
 import os
 
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ TASKS = {
     "question-answering": (QuestionAnsweringPipeline, auto.FlaxAutoModelForQuestionAnswering),
     "fill-mask": (FillMaskPipeline, auto.FlaxAutoModelForMaskedLM),
 }
+_TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "*.model", "merges.txt")
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 
@@ -28,6 +30,11 @@ def _load_tokenizer(tokenizer, model_dir, use_fast):
   if source is None:
     raise ValueError("The model was passed loaded, so its folder is unknown: pass tokenizer= (a "
                      "tokenizer, or the folder or hub id it loads from).")
+  if os.path.isdir(source) and not any(glob.glob(os.path.join(source, pattern))
+                                       for pattern in _TOKENIZER_FILES):
+    # transformers 5 would quietly build an empty tokenizer here, and the pipeline would answer nonsense.
+    raise OSError(f"No tokenizer files in {os.fspath(source)!r}: save the tokenizer there "
+                  f"(tokenizer.save_pretrained(...)) or pass tokenizer=.")
   from transformers import AutoTokenizer  # imported late: slow to import
   try:
     return AutoTokenizer.from_pretrained(os.fspath(source), use_fast=use_fast)

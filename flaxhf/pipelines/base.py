@@ -13,6 +13,7 @@ class Pipeline:
   model_task = ""    # the flaxhf head the pipeline runs (FlaxPreTrainedModel.task)
   per_token = True   # outputs have a length axis, cut back to each input's length
   defaults: Dict[str, Any] = {}
+  too_long_hint = "Pass truncation=True to cut inputs to the model's length."
 
   def __init__(self, model, tokenizer, batch_size: int = 8, pad_to_multiple_of: int = 16, **params):
     if model.task != self.model_task:
@@ -22,6 +23,9 @@ class Pipeline:
     if batch_size < 1 or pad_to_multiple_of < 1:
       raise ValueError(f"batch_size and pad_to_multiple_of must be >= 1; got {batch_size}, "
                        f"{pad_to_multiple_of}.")
+    if len(tokenizer) > model.config.vocab_size:
+      raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model embeds "
+                       f"{model.config.vocab_size}: they do not belong together.")
     self.model, self.tokenizer = model, tokenizer
     self.batch_size, self.pad_to_multiple_of = batch_size, pad_to_multiple_of
     self.params = self._merge(self.defaults, params)
@@ -94,8 +98,6 @@ class Pipeline:
         results[i] = jax.tree_util.tree_map(cut, out)
     return results
 
-  too_long_hint = "Pass truncation=True to cut inputs to the model's length."
-
   def compiled_shapes(self) -> int:
     """How many shapes the forward has been compiled for (one per batch rows x padded length)."""
     return self._forward_fn._cache_size()
@@ -107,5 +109,7 @@ def as_list(inputs, kind=str):
     return [inputs], True
   if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, kind) for x in inputs):
     return list(inputs), False
-  raise ValueError(f"Expected a {kind.__name__} or a non-empty list of them; got {type(inputs).__name__}"
-                   f"{'' if not isinstance(inputs, (list, tuple)) else ' of ' + str(sorted({type(x).__name__ for x in inputs}))}.")
+  got = type(inputs).__name__
+  if isinstance(inputs, (list, tuple)):
+    got += f" of {sorted({type(x).__name__ for x in inputs})}" if inputs else " (empty)"
+  raise ValueError(f"Expected a {kind.__name__} or a non-empty list of them; got {got}.")

@@ -63,9 +63,10 @@ class TextClassificationPipeline(Pipeline):
                          "Send text pairs as dicts.")
       features.append(self.model_inputs(enc))
     results = [self.postprocess(logits, p) for logits in self.forward(features)]
-    if single:  # transformers: one text -> a list (of the best label, or of the top_k)
-      return results if p["top_k"] == _UNSET else results[0]
-    return results
+    if not single:
+      return results
+    # transformers: a text gives a list (of its best label, or of the top_k); a text pair does not.
+    return results if p["top_k"] == _UNSET and isinstance(inputs, str) else results[0]
 
   def postprocess(self, logits, p):
     """Scores and labels of one text's logits."""
