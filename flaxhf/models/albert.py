@@ -8,10 +8,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 from transformers import AlbertConfig
 
+from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
 from flaxhf.models.bert import BertEmbeddings
-from flaxhf.models.layers import (LayerNorm, Linear, OutputBias, attention_bias, constrain,
+from flaxhf.models.layers import (LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, merge_heads, split_heads)
 
 
@@ -73,124 +74,26 @@ class AlbertModule(nn.Module):
         attentions=attentions if output_attentions else None)
 
 
-class _Head(nn.Module):
-  """Base for heads: runs the encoder under `albert`, with the pooler when the head reads it."""
+class AlbertHead(heads.Head):
+  """The family's hooks: the encoder under `albert`, ALBERT's classifier dropout and AlbertMLMHead."""
 
-  config: AlbertConfig
-  dtype: jnp.dtype = jnp.float32
-  pooler = False
+  def encoder(self):
+    return AlbertModule(self.config, self.dtype, add_pooling_layer=self.pooler, name="albert")
 
-  def encode(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-             output_attentions, output_hidden_states):
-    return AlbertModule(self.config, self.dtype, add_pooling_layer=self.pooler, name="albert")(
-        input_ids, attention_mask, token_type_ids, position_ids, deterministic, output_attentions,
-        output_hidden_states)
-
-
-class AlbertForSequenceClassificationModule(_Head):
-  pooler = True
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
+  def classifier_dropout(self):
     c = self.config
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    x = nn.Dropout(c.classifier_dropout_prob)(out.pooler_output, deterministic=deterministic)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="classifier")(x)
-    return O.SequenceClassifierOutput(logits=logits.astype(jnp.float32),
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+    return c.hidden_dropout_prob if c.classifier_dropout_prob is None else c.classifier_dropout_prob
 
-
-class AlbertForTokenClassificationModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
+  def lm_head(self):  # tied, decoder.weight is the word embeddings and decoder.bias predictions.bias
     c = self.config
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    rate = c.hidden_dropout_prob if c.classifier_dropout_prob is None else c.classifier_dropout_prob
-    x = nn.Dropout(rate)(out.last_hidden_state, deterministic=deterministic)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="classifier")(x)
-    return O.TokenClassifierOutput(logits=logits.astype(jnp.float32),
-                                   hidden_states=out.hidden_states, attentions=out.attentions)
+    return heads.LMHead("predictions.dense", "predictions.LayerNorm", bias="predictions",
+                        decoder="predictions.decoder", decoder_bias=True, features=c.embedding_size,
+                        activation=c.hidden_act, eps=c.layer_norm_eps)
 
-
-class AlbertForQuestionAnsweringModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c = self.config
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="qa_outputs")(out.last_hidden_state).astype(jnp.float32)
-    return O.QuestionAnsweringModelOutput(
-        start_logits=logits[..., 0], end_logits=logits[..., 1],
-        hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class AlbertForMultipleChoiceModule(_Head):
-  pooler = True
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c = self.config
-    num_choices = input_ids.shape[1]
-    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-    out = self.encode(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
-                      deterministic, output_attentions, output_hidden_states)
-    x = nn.Dropout(c.classifier_dropout_prob)(out.pooler_output, deterministic=deterministic)
-    logits = Linear(1, ("classes", "embed"), c.initializer_range, dtype=self.dtype, name="classifier")(x)
-    return O.MultipleChoiceModelOutput(logits=logits.reshape(-1, num_choices).astype(jnp.float32),
-                                       hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class AlbertForMaskedLMModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c, d, std = self.config, self.dtype, self.config.initializer_range
-    encoder = AlbertModule(c, d, add_pooling_layer=False, name="albert")
-    out = encoder(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                  output_attentions, output_hidden_states)
-    # AlbertMLMHead: dense (hidden -> embedding_size), activation, LayerNorm, decoder.
-    x = Linear(c.embedding_size, (None, "embed"), std, dtype=d, name="predictions.dense")(
-        out.last_hidden_state)
-    x = LayerNorm(c.layer_norm_eps, dtype=d, name="predictions.LayerNorm")(
-        get_activation(c.hidden_act)(x))
-    bias_V = OutputBias(c.vocab_size, name="predictions")().astype(d)
-    if c.tie_word_embeddings:  # decoder.weight is the word embeddings, decoder.bias predictions.bias
-      table_VxD = nn.meta.unbox(encoder.variables["params"]["embeddings"]["word_embeddings"]["weight"])
-      logits = jnp.einsum("...d,vd->...v", x, table_VxD.astype(d)) + bias_V
-    else:  # untied, the decoder has its own bias and predictions.bias is left unused, as in transformers
-      logits = Linear(c.vocab_size, ("vocab", "embed"), std, dtype=d, name="predictions.decoder")(x)
-    return O.MaskedLMOutput(logits=logits.astype(jnp.float32), hidden_states=out.hidden_states,
-                            attentions=out.attentions)
-
-
-_HEADS = {
-    "Model": (AlbertModule, None),
-    "ForSequenceClassification": (AlbertForSequenceClassificationModule, "sequence_classification"),
-    "ForTokenClassification": (AlbertForTokenClassificationModule, "token_classification"),
-    "ForQuestionAnswering": (AlbertForQuestionAnsweringModule, "question_answering"),
-    "ForMultipleChoice": (AlbertForMultipleChoiceModule, "multiple_choice"),
-    "ForMaskedLM": (AlbertForMaskedLMModule, "masked_lm"),
-}
 
 # Older checkpoints carry the tied decoder copies; a tied model reads embeddings and predictions.bias.
-FlaxAlbertPreTrainedModel, _albert = model_family(
-    "Albert", AlbertConfig, "albert", _HEADS,
+(FlaxAlbertPreTrainedModel, FlaxAlbertModel, FlaxAlbertForSequenceClassification,
+ FlaxAlbertForTokenClassification, FlaxAlbertForQuestionAnswering, FlaxAlbertForMultipleChoice,
+ FlaxAlbertForMaskedLM) = model_family(
+    "Albert", AlbertConfig, "albert", heads.family_modules(AlbertModule, AlbertHead),
     ignore_on_load=(r"^predictions\.decoder\.(weight|bias)$",))
-FlaxAlbertModel = _albert["Model"]
-FlaxAlbertForSequenceClassification = _albert["ForSequenceClassification"]
-FlaxAlbertForTokenClassification = _albert["ForTokenClassification"]
-FlaxAlbertForQuestionAnswering = _albert["ForQuestionAnswering"]
-FlaxAlbertForMultipleChoice = _albert["ForMultipleChoice"]
-FlaxAlbertForMaskedLM = _albert["ForMaskedLM"]

@@ -317,10 +317,11 @@ def model_class(name: str, family_base: type, module_class, task: Optional[str])
   return cls
 
 
-def model_family(arch: str, config_class, prefix: str, heads: dict, **attrs):
-  """Declares `Flax{arch}PreTrainedModel` (class `attrs`) and a public class per (module, task) head."""
-  module = next(iter(heads.values()))[0].__module__
+def model_family(arch: str, config_class, prefix: str, modules: dict, **attrs) -> tuple:
+  """Declares `Flax{arch}PreTrainedModel` (class `attrs`), then `Flax{arch}{suffix}` per module."""
+  # Classes come in `modules` order after the base; a module's `task` (None: encoder) registers it.
   base = type(f"Flax{arch}PreTrainedModel", (FlaxPreTrainedModel,),
-              dict(config_class=config_class, base_model_prefix=prefix, __module__=module, **attrs))
-  return base, {head: model_class(f"Flax{arch}{head}", base, module_class, task)
-                for head, (module_class, task) in heads.items()}
+              dict(config_class=config_class, base_model_prefix=prefix,
+                   __module__=modules["Model"].__module__, **attrs))
+  return (base, *(model_class(f"Flax{arch}{suffix}", base, m, getattr(m, "task", None))
+                  for suffix, m in modules.items()))

@@ -10,9 +10,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from transformers import BertConfig, ElectraConfig, RobertaConfig
 
+from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, Linear, OutputBias, attention_bias, constrain,
+from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, merge_heads, split_heads)
 
 
@@ -106,175 +107,75 @@ class BertModule(nn.Module):
         attentions=attentions if output_attentions else None)
 
 
-def _classifier_dropout(c):
-  return c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None \
-      else c.hidden_dropout_prob
+class BertHead(heads.Head):
+  """The family's hooks: the encoder under `config.model_type`, BERT's classifier dropout and MLM."""
+
+  def encoder(self):
+    return BertModule(self.config, self.dtype, add_pooling_layer=self.pooler,
+                      name=self.config.model_type)
+
+  def classifier_dropout(self):
+    c = self.config
+    return c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None \
+        else c.hidden_dropout_prob
+
+  def sequence_features(self, out, deterministic):
+    c = self.config
+    if c.model_type != "electra":
+      return super().sequence_features(out, deterministic)
+    # ElectraSequenceSummary on the first token; only the choice head reads it (see below).
+    x = self.linear(c.hidden_size, "sequence_summary.summary", (None, "embed"))(
+        out.last_hidden_state[:, 0])
+    x = get_activation(c.summary_activation)(x) if c.summary_activation else x
+    return nn.Dropout(c.summary_last_dropout)(x, deterministic=deterministic)
+
+  def lm_head(self):  # BertOnlyMLMHead, RobertaLMHead, ElectraGeneratorPredictions + generator_lm_head
+    c = self.config
+    dense, norm, bias, decoder = {
+        "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                 "cls.predictions", "cls.predictions.decoder"),
+        "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head", "lm_head.decoder"),
+        "electra": ("generator_predictions.dense", "generator_predictions.LayerNorm",
+                    "generator_lm_head", "generator_lm_head"),
+    }[c.model_type]
+    # Untied, ELECTRA's decoder is a plain Linear; BERT's and RoBERTa's keep the bias at `<head>.bias`.
+    return heads.LMHead(dense, norm, bias, decoder, decoder_bias=c.model_type == "electra",
+                        features=getattr(c, "embedding_size", c.hidden_size),
+                        activation=c.hidden_act if c.model_type == "bert" else "gelu",
+                        eps=c.layer_norm_eps)
 
 
-class _Head(nn.Module):
-  """Base for heads: runs the encoder under the family's prefix and keeps its extra outputs."""
+class BertForSequenceClassificationModule(BertHead, heads.SequenceClassification):
+  """BERT classifies pooler_output; RoBERTa and ELECTRA the first token, with their own two layers."""
 
-  config: BertConfig
-  dtype: jnp.dtype = jnp.float32
-  pooler = False  # whether the head reads pooler_output (BertModel's add_pooling_layer)
-
-  def uses_pooler(self):
-    return self.pooler
-
-  def encode(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-             output_attentions, output_hidden_states):
-    return BertModule(self.config, self.dtype, add_pooling_layer=self.uses_pooler(),
-                      name=self.config.model_type)(
-        input_ids, attention_mask, token_type_ids, position_ids, deterministic, output_attentions,
-        output_hidden_states)
-
-
-class BertForSequenceClassificationModule(_Head):
-
-  def uses_pooler(self):  # RoBERTa and ELECTRA classify the first token with their own head
+  @property
+  def pooler(self):
     return self.config.model_type == "bert"
 
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c, d, std = self.config, self.dtype, self.config.initializer_range
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    drop = nn.Dropout(_classifier_dropout(c))
+  def classify(self, out, num_outputs, deterministic):
+    c = self.config
     if c.model_type == "bert":
-      x = drop(out.pooler_output, deterministic=deterministic)
-      logits = Linear(c.num_labels, ("classes", "embed"), std, dtype=d, name="classifier")(x)
-    else:  # RobertaClassificationHead / ElectraClassificationHead on the first token
-      x = drop(out.last_hidden_state[:, 0], deterministic=deterministic)
-      x = Linear(c.hidden_size, (None, "embed"), std, dtype=d, name="classifier.dense")(x)
-      x = jnp.tanh(x) if c.model_type == "roberta" else get_activation("gelu")(x)
-      x = drop(x, deterministic=deterministic)
-      logits = Linear(c.num_labels, ("classes", "embed"), std, dtype=d, name="classifier.out_proj")(x)
-    return O.SequenceClassifierOutput(logits=logits.astype(jnp.float32),
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class BertForTokenClassificationModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c = self.config
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    x = nn.Dropout(_classifier_dropout(c))(out.last_hidden_state, deterministic=deterministic)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="classifier")(x)
-    return O.TokenClassifierOutput(logits=logits.astype(jnp.float32),
-                                   hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class BertForQuestionAnsweringModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c = self.config
-    out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                      output_attentions, output_hidden_states)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="qa_outputs")(out.last_hidden_state).astype(jnp.float32)
-    return O.QuestionAnsweringModelOutput(
-        start_logits=logits[..., 0], end_logits=logits[..., 1],
-        hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class BertForMultipleChoiceModule(_Head):
-  pooler = True
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c, d, std = self.config, self.dtype, self.config.initializer_range
-    num_choices = input_ids.shape[1]
-    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-    out = self.encode(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
-                      deterministic, output_attentions, output_hidden_states)
-    if c.model_type == "electra":  # ElectraSequenceSummary on the first token
-      x = out.last_hidden_state[:, 0]
-      x = Linear(c.hidden_size, (None, "embed"), std, dtype=d, name="sequence_summary.summary")(x)
-      x = get_activation(c.summary_activation)(x) if c.summary_activation else x
-      x = nn.Dropout(c.summary_last_dropout)(x, deterministic=deterministic)
-    else:
-      x = nn.Dropout(_classifier_dropout(c))(out.pooler_output, deterministic=deterministic)
-    logits = Linear(1, ("classes", "embed"), std, dtype=d, name="classifier")(x)
-    return O.MultipleChoiceModelOutput(logits=logits.reshape(-1, num_choices).astype(jnp.float32),
-                                       hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class BertForMaskedLMModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None, deterministic=True,
-               output_attentions=False, output_hidden_states=False):
-    c, d, std = self.config, self.dtype, self.config.initializer_range
-    encoder = BertModule(c, d, add_pooling_layer=False, name=c.model_type)
-    out = encoder(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                  output_attentions, output_hidden_states)
-    # transformers' names: BertOnlyMLMHead, RobertaLMHead, ElectraGeneratorPredictions + lm head.
-    transform, dense, norm, decoder = {
-        "bert": ("cls.predictions", "transform.dense", "transform.LayerNorm", "cls.predictions"),
-        "roberta": ("lm_head", "dense", "layer_norm", "lm_head"),
-        "electra": ("generator_predictions", "dense", "LayerNorm", "generator_lm_head"),
-    }[c.model_type]
-    act = get_activation(c.hidden_act if c.model_type == "bert" else "gelu")
-    dim = getattr(c, "embedding_size", c.hidden_size)
-    x = act(Linear(dim, (None, "embed"), std, dtype=d, name=f"{transform}.{dense}")(
-        out.last_hidden_state))
-    x = LayerNorm(c.layer_norm_eps, dtype=d, name=f"{transform}.{norm}")(x)
-    if c.tie_word_embeddings:
-      table_VxD = nn.meta.unbox(encoder.variables["params"]["embeddings"]["word_embeddings"]["weight"])
-      logits = jnp.einsum("...d,vd->...v", x, table_VxD.astype(d))
-      logits = logits + OutputBias(c.vocab_size, name=decoder)().astype(d)
-    elif c.model_type == "electra":  # an untied generator_lm_head is a plain Linear
-      logits = Linear(c.vocab_size, ("vocab", "embed"), std, dtype=d, name=decoder)(x)
-    else:  # untied: `<head>.decoder.weight`, with the bias kept at `<head>.bias`
-      logits = Linear(c.vocab_size, ("vocab", "embed"), std, use_bias=False, dtype=d,
-                      name=f"{decoder}.decoder")(x)
-      logits = logits + OutputBias(c.vocab_size, name=decoder)().astype(d)
-    return O.MaskedLMOutput(logits=logits.astype(jnp.float32), hidden_states=out.hidden_states,
-                            attentions=out.attentions)
+      return super().classify(out, num_outputs, deterministic)
+    # RobertaClassificationHead / ElectraClassificationHead
+    drop = nn.Dropout(self.classifier_dropout())
+    x = drop(out.last_hidden_state[:, 0], deterministic=deterministic)
+    x = self.linear(c.hidden_size, "classifier.dense", (None, "embed"))(x)
+    x = jnp.tanh(x) if c.model_type == "roberta" else get_activation("gelu")(x)
+    x = drop(x, deterministic=deterministic)
+    return self.linear(num_outputs, "classifier.out_proj")(x)
 
 
 # Tied decoder copies that checkpoints may carry; the models read the embedding matrix instead.
 _TIED = (r"^(cls\.predictions|lm_head)\.decoder\.(weight|bias)$", r"^generator_lm_head\.weight$")
+_family = functools.partial(model_family, ignore_on_load=_TIED, modules=heads.family_modules(
+    BertModule, BertHead, BertForSequenceClassificationModule))
 
-_HEADS = {
-    "Model": (BertModule, None),
-    "ForSequenceClassification": (BertForSequenceClassificationModule, "sequence_classification"),
-    "ForTokenClassification": (BertForTokenClassificationModule, "token_classification"),
-    "ForQuestionAnswering": (BertForQuestionAnsweringModule, "question_answering"),
-    "ForMultipleChoice": (BertForMultipleChoiceModule, "multiple_choice"),
-    "ForMaskedLM": (BertForMaskedLMModule, "masked_lm"),
-}
-
-_family = functools.partial(model_family, heads=_HEADS, ignore_on_load=_TIED)
-
-FlaxBertPreTrainedModel, _bert = _family("Bert", BertConfig, "bert")
-FlaxBertModel = _bert["Model"]
-FlaxBertForSequenceClassification = _bert["ForSequenceClassification"]
-FlaxBertForTokenClassification = _bert["ForTokenClassification"]
-FlaxBertForQuestionAnswering = _bert["ForQuestionAnswering"]
-FlaxBertForMultipleChoice = _bert["ForMultipleChoice"]
-FlaxBertForMaskedLM = _bert["ForMaskedLM"]
-
-FlaxRobertaPreTrainedModel, _roberta = _family("Roberta", RobertaConfig, "roberta")
-FlaxRobertaModel = _roberta["Model"]
-FlaxRobertaForSequenceClassification = _roberta["ForSequenceClassification"]
-FlaxRobertaForTokenClassification = _roberta["ForTokenClassification"]
-FlaxRobertaForQuestionAnswering = _roberta["ForQuestionAnswering"]
-FlaxRobertaForMultipleChoice = _roberta["ForMultipleChoice"]
-FlaxRobertaForMaskedLM = _roberta["ForMaskedLM"]
-
-FlaxElectraPreTrainedModel, _electra = _family("Electra", ElectraConfig, "electra")
-FlaxElectraModel = _electra["Model"]
-FlaxElectraForSequenceClassification = _electra["ForSequenceClassification"]
-FlaxElectraForTokenClassification = _electra["ForTokenClassification"]
-FlaxElectraForQuestionAnswering = _electra["ForQuestionAnswering"]
-FlaxElectraForMultipleChoice = _electra["ForMultipleChoice"]
-FlaxElectraForMaskedLM = _electra["ForMaskedLM"]
+(FlaxBertPreTrainedModel, FlaxBertModel, FlaxBertForSequenceClassification,
+ FlaxBertForTokenClassification, FlaxBertForQuestionAnswering, FlaxBertForMultipleChoice,
+ FlaxBertForMaskedLM) = _family("Bert", BertConfig, "bert")
+(FlaxRobertaPreTrainedModel, FlaxRobertaModel, FlaxRobertaForSequenceClassification,
+ FlaxRobertaForTokenClassification, FlaxRobertaForQuestionAnswering, FlaxRobertaForMultipleChoice,
+ FlaxRobertaForMaskedLM) = _family("Roberta", RobertaConfig, "roberta")
+(FlaxElectraPreTrainedModel, FlaxElectraModel, FlaxElectraForSequenceClassification,
+ FlaxElectraForTokenClassification, FlaxElectraForQuestionAnswering, FlaxElectraForMultipleChoice,
+ FlaxElectraForMaskedLM) = _family("Electra", ElectraConfig, "electra")

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import DistilBertConfig
 
+from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, Linear, OutputBias, attention_bias, constrain,
+from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, merge_heads, split_heads)
 
 _EPS = 1e-12  # DistilBERT hard-codes its LayerNorm epsilon; the config has no field for it
@@ -91,124 +92,38 @@ class DistilBertModule(nn.Module):
                              attentions=attentions if output_attentions else None)
 
 
-class _Head(nn.Module):
-  """Base for heads: runs the encoder under `distilbert`."""
+class DistilBertHead(heads.Head):
+  """The family's hooks: the encoder under `distilbert`, its dropouts, pre_classifier and MLM names."""
 
-  config: DistilBertConfig
-  dtype: jnp.dtype = jnp.float32
+  def encoder(self):
+    return DistilBertModule(self.config, self.dtype, name="distilbert")
 
-  def encode(self, input_ids, attention_mask, position_ids, deterministic, output_attentions,
-             output_hidden_states):
-    return DistilBertModule(self.config, self.dtype, name="distilbert")(
-        input_ids, attention_mask, None, position_ids, deterministic, output_attentions,
-        output_hidden_states)
+  def classifier_dropout(self):
+    return self.config.dropout
 
-
-def _classify_first_token(out, num_outputs, config, dtype, deterministic):
-  """pre_classifier -> ReLU -> dropout -> classifier on the first token (sequence and choice heads)."""
-  std = config.initializer_range
-  x = Linear(config.dim, (None, "embed"), std, dtype=dtype, name="pre_classifier")(
-      out.last_hidden_state[:, 0])
-  x = nn.Dropout(config.seq_classif_dropout)(nn.relu(x), deterministic=deterministic)
-  return Linear(num_outputs, ("classes", "embed"), std, dtype=dtype, name="classifier")(x)
-
-
-class DistilBertForSequenceClassificationModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
-    out = self.encode(input_ids, attention_mask, position_ids, deterministic, output_attentions,
-                      output_hidden_states)
-    logits = _classify_first_token(out, self.config.num_labels, self.config, self.dtype, deterministic)
-    return O.SequenceClassifierOutput(logits=logits.astype(jnp.float32),
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class DistilBertForTokenClassificationModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
-    c = self.config
-    out = self.encode(input_ids, attention_mask, position_ids, deterministic, output_attentions,
-                      output_hidden_states)
-    x = nn.Dropout(c.dropout)(out.last_hidden_state, deterministic=deterministic)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="classifier")(x)
-    return O.TokenClassifierOutput(logits=logits.astype(jnp.float32),
-                                   hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class DistilBertForQuestionAnsweringModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
+  def qa_dropout(self):
     c = self.config
     if c.num_labels != 2:  # as transformers: the head splits its outputs into start and end
       raise ValueError(f"config.num_labels should be 2, but it is {c.num_labels}")
-    out = self.encode(input_ids, attention_mask, position_ids, deterministic, output_attentions,
-                      output_hidden_states)
-    x = nn.Dropout(c.qa_dropout)(out.last_hidden_state, deterministic=deterministic)
-    logits = Linear(c.num_labels, ("classes", "embed"), c.initializer_range, dtype=self.dtype,
-                    name="qa_outputs")(x).astype(jnp.float32)
-    return O.QuestionAnsweringModelOutput(
-        start_logits=logits[..., 0], end_logits=logits[..., 1],
-        hidden_states=out.hidden_states, attentions=out.attentions)
+    return c.qa_dropout
 
+  def sequence_features(self, out, deterministic):
+    """pre_classifier -> ReLU -> dropout on the first token (sequence and choice heads)."""
+    c = self.config
+    x = self.linear(c.dim, "pre_classifier", (None, "embed"))(out.last_hidden_state[:, 0])
+    return nn.Dropout(c.seq_classif_dropout)(nn.relu(x), deterministic=deterministic)
 
-class DistilBertForMultipleChoiceModule(_Head):
+  def lm_head(self):  # tied, vocab_projector.weight is the word embedding matrix; its bias is own
+    c = self.config
+    return heads.LMHead("vocab_transform", "vocab_layer_norm", bias="vocab_projector",
+                        decoder="vocab_projector", decoder_bias=True, features=c.dim,
+                        activation=c.activation, eps=_EPS)
 
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
-    num_choices = input_ids.shape[1]
-    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-    out = self.encode(flat(input_ids), flat(attention_mask), flat(position_ids), deterministic,
-                      output_attentions, output_hidden_states)
-    logits = _classify_first_token(out, 1, self.config, self.dtype, deterministic)
-    return O.MultipleChoiceModelOutput(logits=logits.reshape(-1, num_choices).astype(jnp.float32),
-                                       hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-class DistilBertForMaskedLMModule(_Head):
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
-    c, d, std = self.config, self.dtype, self.config.initializer_range
-    encoder = DistilBertModule(c, d, name="distilbert")
-    out = encoder(input_ids, attention_mask, None, position_ids, deterministic, output_attentions,
-                  output_hidden_states)
-    x = Linear(c.dim, (None, "embed"), std, dtype=d, name="vocab_transform")(out.last_hidden_state)
-    x = LayerNorm(_EPS, dtype=d, name="vocab_layer_norm")(get_activation(c.activation)(x))
-    if c.tie_word_embeddings:  # vocab_projector.weight is the word embedding matrix; its bias is own
-      table_VxD = nn.meta.unbox(encoder.variables["params"]["embeddings"]["word_embeddings"]["weight"])
-      logits = jnp.einsum("...d,vd->...v", x, table_VxD.astype(d))
-      logits = logits + OutputBias(c.vocab_size, name="vocab_projector")().astype(d)
-    else:
-      logits = Linear(c.vocab_size, ("vocab", "embed"), std, dtype=d, name="vocab_projector")(x)
-    return O.MaskedLMOutput(logits=logits.astype(jnp.float32), hidden_states=out.hidden_states,
-                            attentions=out.attentions)
-
-
-_HEADS = {
-    "Model": (DistilBertModule, None),
-    "ForSequenceClassification": (DistilBertForSequenceClassificationModule, "sequence_classification"),
-    "ForTokenClassification": (DistilBertForTokenClassificationModule, "token_classification"),
-    "ForQuestionAnswering": (DistilBertForQuestionAnsweringModule, "question_answering"),
-    "ForMultipleChoice": (DistilBertForMultipleChoiceModule, "multiple_choice"),
-    "ForMaskedLM": (DistilBertForMaskedLMModule, "masked_lm"),
-}
 
 # Older checkpoints carry the tied copy of the word embeddings; a tied model reads the embeddings.
-FlaxDistilBertPreTrainedModel, _distilbert = model_family(
-    "DistilBert", DistilBertConfig, "distilbert", _HEADS, uses_token_type_ids=False,
+(FlaxDistilBertPreTrainedModel, FlaxDistilBertModel, FlaxDistilBertForSequenceClassification,
+ FlaxDistilBertForTokenClassification, FlaxDistilBertForQuestionAnswering,
+ FlaxDistilBertForMultipleChoice, FlaxDistilBertForMaskedLM) = model_family(
+    "DistilBert", DistilBertConfig, "distilbert",
+    heads.family_modules(DistilBertModule, DistilBertHead), uses_token_type_ids=False,
     ignore_on_load=(r"^vocab_projector\.weight$",))
-FlaxDistilBertModel = _distilbert["Model"]
-FlaxDistilBertForSequenceClassification = _distilbert["ForSequenceClassification"]
-FlaxDistilBertForTokenClassification = _distilbert["ForTokenClassification"]
-FlaxDistilBertForQuestionAnswering = _distilbert["ForQuestionAnswering"]
-FlaxDistilBertForMultipleChoice = _distilbert["ForMultipleChoice"]
-FlaxDistilBertForMaskedLM = _distilbert["ForMaskedLM"]
