@@ -122,3 +122,11 @@ def test_sequence_classification_losses_match_torch(problem_type, labels):
   model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
   got = model(**inputs, labels=labels)
   np.testing.assert_allclose(float(got.loss), float(want.loss), rtol=1e-5)
+
+
+def test_exported_names_match_their_classes():
+  """Every public Flax* name is bound to the class of that name (guards the family unpacking)."""
+  names = [n for n in dir(flaxhf) if n.startswith("Flax") and isinstance(getattr(flaxhf, n), type)]
+  assert len(names) >= 36
+  for n in names:
+    assert getattr(flaxhf, n).__name__ == n
