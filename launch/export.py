@@ -18,7 +18,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from flaxhf.train.engine import export_checkpoint
   print("exported to", export_checkpoint(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer))
 

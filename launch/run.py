@@ -6,13 +6,16 @@
 Rerunning the same command in the same workdir resumes from its latest checkpoint.
 """
 
+import difflib
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/
 
 from absl import app, flags  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Task config file[:args].", lock_config=True)
@@ -24,19 +27,62 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _unknown_key_message(argv):
+  """The error for the first `--config.KEY` override that names no config field; None if none."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None and "--config" in argv[:-1]:
+    config_arg = argv[argv.index("--config") + 1]
+  if config_arg is None:
+    return None
+  config = FLAGS["config"].parser.parse(config_arg)
+  for arg in argv:
+    match = re.match(r"--?config\.([\w.]+)(=|$)", arg)
+    if not match:
+      continue
+    node, parents = config, []
+    for name in match.group(1).split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"--config.{match.group(1)}: {'.'.join(parents)} is a value, not a section."
+      if name not in node:
+        where, keys = ".".join(parents) or "the config", sorted(node.keys())
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"--config.{match.group(1)}: {where} has no key {name!r}{hint}. "
+                f"Valid keys of {where}: {', '.join(keys)}.")
+      node, parents = node[name], parents + [name]
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a mistyped --config.KEY exits with the valid keys."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):  # how ml_collections reports an override of a missing field
+    message = _unknown_key_message(argv)
+    if message is None:
+      raise
+    sys.exit(f"FATAL Flags parsing error: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # app.run already gave the root logger absl's handler, so basicConfig needs force=True. Set up
+  # before the distributed runtime starts so its "process i of n" line is seen on every process.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      force=True)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   # The distributed runtime must start before anything asks JAX for devices.
   from flaxhf import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "FLAXHF_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flaxhf_xla")))
-  logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "orbax", "jax._src"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if jax.process_index() != 0:
+    # Other processes log only warnings and flaxhf's per-process facts (devices, data share).
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("flaxhf").setLevel(logging.INFO)
   from flaxhf.train import engine
   results = engine.run(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
@@ -44,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -253,7 +253,10 @@ class Trainer:
       p, idx, mask = jax.device_get(self._eval_step(params, self._device_batch(batch)))
       for row in np.flatnonzero(mask):  # per-example pytrees: lengths differ between buckets
         preds[idx[row]] = jax.tree_util.tree_map(lambda a, r=row: a[r], p)
-    return self.task.metrics(preds, self.data)
+    metrics = self.task.metrics(preds, self.data)
+    if self.is_main:
+      self.task.save_outputs(self.workdir)
+    return metrics
 
   def _eval_keys(self, batch):
     return set(self.task.model_inputs) | set(self.task.label_fields) | {"example_index",
@@ -274,6 +277,11 @@ class Trainer:
     logger.reset_clock(self.start_step)
     for step in range(self.start_step + 1, total + 1):
       local = {k: v for k, v in next(batches).items() if k in keys}
+      if step == self.start_step + 1:
+        # Logged by every process, so a multi-host log shows each one feeds only its own rows.
+        log.info("Process %d of %d feeds %d of the %d rows of each global batch.",
+                 jax.process_index(), jax.process_count(), len(local["attention_mask"]),
+                 cfg.train.batch_size)
       logger.count_tokens(int(local["attention_mask"].sum()) * jax.process_count())
       self.state, metrics = self._train_step(self.state, self._device_batch(local))
       window.append(metrics)

@@ -20,7 +20,10 @@ class RunLogger:
     self._bar = self._tb = self._file = None
     if not self.active:
       return
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if start_step and os.path.exists(path):
+      _drop_rows_after(path, start_step)  # a resumed run redoes those steps
+    self._file = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -77,6 +80,16 @@ class RunLogger:
       self._tb.close()
     if self._file is not None:
       self._file.close()
+
+
+def _drop_rows_after(path: str, step: int):
+  """Keeps the metrics.jsonl rows up to `step`: a killed run may have logged past its checkpoint."""
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
 
 
 def _plain(v):

@@ -1,5 +1,7 @@
 """Tasks plug data preparation, loss, predictions and metrics into the one training engine."""
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,6 +44,9 @@ class Task:
   def metrics(self, predictions, task_data) -> dict:
     """Eval metrics from a list of per-example prediction pytrees, in example order."""
     raise NotImplementedError
+
+  def save_outputs(self, output_dir: str):
+    """Writes files of the latest metrics() call (e.g. QA predictions.json); nothing by default."""
 
   @property
   def main_metric(self):
@@ -107,11 +112,21 @@ class TextClassification(Task):
     return "accuracy", "max"
 
 
-TASKS = {"text_classification": TextClassification}
+# Tasks in other modules are named by import path: they subclass Task, so importing them here
+# eagerly would be circular.
+TASKS = {"text_classification": TextClassification,
+         "token_classification": "flaxhf.train.tasks_token.TokenClassification",
+         "multiple_choice": "flaxhf.train.tasks_mc.MultipleChoice",
+         "question_answering": "flaxhf.train.tasks_qa.QuestionAnswering",
+         "masked_lm": "flaxhf.train.tasks_mlm.MaskedLM"}
 
 
 def get_task(cfg) -> Task:
   if cfg.task not in TASKS:
     raise ValueError(f"Unknown task {cfg.task!r}; flaxhf trains {sorted(TASKS)}.")
-  return TASKS[cfg.task](cfg)
+  cls = TASKS[cfg.task]
+  if isinstance(cls, str):
+    module, name = cls.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+  return cls(cfg)
 
