@@ -1,0 +1,233 @@
+"""MiniLM fine-tunes for NER, QA and multiple choice: flaxhf's engine vs a careful PyTorch loop.
+
+  python benchmarks/compare_tasks.py [--tasks ner,qa,mc] [--steps N] [--batch_size B] [--lr LR]
+      [--max_length L] [--max_train_samples N] [--max_eval_samples N] [--only flaxhf|torch]
+
+Tasks use their `local` configs (configs/{token_classification,qa,multiple_choice}.py): CoNLL-2003,
+the SQuAD v1.1 article split and CODAH (SWAG layout), all with the offline MiniLM checkpoint.
+Unset flags take each task's default (see --help; ~15-20 min in all on 2 quiet CPU cores).
+
+Both sides: the same preprocessed examples (flaxhf's own data prep, so identical token ids and
+labels), the same batches in the same order (flaxhf's batcher and seed), steps, batch, learning
+rate, linear warmup/decay, AdamW betas/eps/weight decay and gradient clipping, all read from the one
+config; the same metric code (the task's `metrics`, so seqeval, SQuAD post-processing + EM/F1, and
+accuracy run on the PyTorch predictions too). PyTorch pads each batch to its longest example
+(dynamic padding); flaxhf pads to length buckets. The heads start from different random draws.
+Wall s is the training loop plus evaluation; for flaxhf it includes jit compilation, the final
+checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+# Per task: config module, PyTorch auto class, and the defaults of the flags left unset. Estimated
+# from single-thread step times: ~4 min NER, ~10 min QA, ~6 min MC (both sides, 2 quiet cores); QA
+# stops at 150 steps because each further 150 steps x 16 windows x 256 tokens adds ~9 min.
+TASKS = {
+    "ner": dict(config="configs.token_classification", auto="AutoModelForTokenClassification",
+                steps=300, batch_size=16, max_length=128, max_train_samples=None,
+                max_eval_samples=None),
+    "qa": dict(config="configs.qa", auto="AutoModelForQuestionAnswering",
+               steps=150, batch_size=16, max_length=256, max_train_samples=None,
+               max_eval_samples=300),
+    "mc": dict(config="configs.multiple_choice", auto="AutoModelForMultipleChoice",
+               steps=300, batch_size=8, max_length=64, max_train_samples=None,
+               max_eval_samples=None),
+}
+NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)"}
+
+
+def task_config(name, args):
+  """The task's `local` config with this run's overrides (the config stays locked: typos fail)."""
+  spec = TASKS[name]
+  cfg = importlib.import_module(spec["config"]).get_config("local")
+
+  def pick(flag):  # an explicit flag wins over the task default
+    value = getattr(args, flag)
+    return spec[flag] if value is None else value
+
+  cfg.train.steps, cfg.train.batch_size = pick("steps"), pick("batch_size")
+  if args.lr is not None:
+    cfg.train.learning_rate = args.lr
+  cfg.data.max_length = pick("max_length")
+  if name == "qa":  # keep run_qa.py's overlap of a third (128 of 384) for shorter windows
+    cfg.data.doc_stride = min(cfg.data.doc_stride, cfg.data.max_length // 3)
+  cfg.data.max_train_samples = pick("max_train_samples")
+  cfg.data.max_eval_samples = pick("max_eval_samples")
+  cfg.train.seed = args.seed
+  cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
+  cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
+  cfg.mesh.data = 1
+  return cfg
+
+
+def main_metric(task, metrics):
+  """(label, value) of the task's headline metric, with SQuAD's exact match alongside its F1."""
+  key = task.main_metric[0]
+  if "exact_match" in metrics:
+    return "EM/F1", f"{metrics['exact_match']:.2f}/{metrics[key]:.2f}"
+  return key, f"{metrics[key]:.4f}"
+
+
+def run_flaxhf(cfg):
+  """Trains and evaluates through engine.Trainer on one device; returns (metrics, wall s, data)."""
+  import jax
+  from flaxhf.train import engine
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = engine.Trainer(cfg, workdir, devices=jax.devices()[:1])
+    t0 = time.perf_counter()
+    try:
+      results = trainer.fit()
+    finally:
+      trainer.ckpt.close()
+    wall = time.perf_counter() - t0
+  return results, wall, trainer.data
+
+
+def exact_buckets(max_length):
+  """Buckets of every length: flaxhf's batcher then pads to the batch's longest row (dynamic)."""
+  return tuple(range(1, max_length + 1))
+
+
+def to_torch(batch, keys, n=None):
+  """The first n rows of the batch's `keys` as int64 tensors (the dtype transformers expects)."""
+  import torch
+  return {k: torch.from_numpy(np.asarray(batch[k][:n], np.int64)) for k in keys if k in batch}
+
+
+def run_torch(name, cfg, task, data, threads):
+  """The same fine-tune as a PyTorch transformers loop; returns (metrics, wall s)."""
+  import torch
+  import transformers
+  from flaxhf.data import batching
+  transformers.logging.set_verbosity_error()  # the load report lists the new head, as flaxhf logs
+  transformers.utils.logging.disable_progress_bar()
+  torch.set_num_threads(threads)
+  torch.manual_seed(cfg.train.seed)
+  path, t = cfg.model.name_or_path, cfg.train
+  config = transformers.AutoConfig.from_pretrained(path)
+  task.configure_model(config, data)  # the labels / num_labels flaxhf's model gets
+  auto = getattr(transformers, TASKS[name]["auto"])
+  model = auto.from_pretrained(path, config=config)
+  named = list(model.named_parameters())
+  no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
+  decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate,
+                          betas=(t.adam_b1, t.adam_b2), eps=t.adam_eps)
+  # flaxhf.train.optim.make_optimizer's warmup rule, so both schedules peak on the same step.
+  warmup = int(round(t.warmup_ratio * t.steps)) if t.warmup_steps is None else int(t.warmup_steps)
+  sched = transformers.get_linear_schedule_with_warmup(opt, warmup, t.steps)
+  pad = {"input_ids": config.pad_token_id or 0, "labels": -100, **data.pad_values}
+  inputs, labels = tuple(task.model_inputs), tuple(task.label_fields)
+  buckets = exact_buckets(cfg.data.max_length)
+  # flaxhf's own batcher: the same rows per step, in the same order, padded to the batch's longest.
+  batches = batching.train_batches(data.train, global_batch_size=t.batch_size, seed=t.seed,
+                                   buckets=buckets, max_length=cfg.data.max_length,
+                                   pad_values=pad, group_by_length=cfg.data.group_by_length)
+  model.train()
+  t0 = time.perf_counter()
+  for _ in range(t.steps):
+    loss = model(**to_torch(next(batches), inputs + labels)).loss
+    loss.backward()
+    if t.max_grad_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+  model.eval()
+  preds = [None] * len(data.eval)
+  with torch.no_grad():
+    for batch in batching.eval_batches(data.eval, global_batch_size=t.eval_batch_size,
+                                       buckets=buckets, max_length=cfg.data.max_length,
+                                       pad_values=pad):
+      n = int(batch["example_mask"].sum())  # dummy rows fill only the tail of the last batch
+      out = model(**to_torch(batch, inputs, n))
+      if getattr(out, "start_logits", None) is not None:  # QA: logits for the span decoder
+        p = {"start_logits": out.start_logits.float().numpy(),
+             "end_logits": out.end_logits.float().numpy()}
+      else:  # tags [n, L] or choices [n]: what flaxhf's task.predict returns
+        p = out.logits.float().argmax(-1).numpy().astype(np.int32)
+      for row, i in enumerate(batch["example_index"][:n]):
+        preds[i] = ({k: v[row] for k, v in p.items()} if isinstance(p, dict) else p[row])
+    metrics = task.metrics(preds, data)
+  return metrics, time.perf_counter() - t0
+
+
+def run_task(name, args):
+  """One task on both sides: a result row for the table."""
+  from transformers import AutoTokenizer
+  from flaxhf.train.tasks import get_task
+  cfg = task_config(name, args)
+  row = {"task": NAMES[name], "cfg": cfg}
+  data = None
+  if args.only != "torch":
+    results, row["flaxhf_s"], data = run_flaxhf(cfg)
+    row["flaxhf"] = main_metric(get_task(cfg), results)
+    print(f"[{name}] flaxhf: {row['flaxhf'][0]} {row['flaxhf'][1]}  ({row['flaxhf_s']:.1f} s)",
+          flush=True)
+  if args.only != "flaxhf":
+    task = get_task(cfg)
+    if data is None:  # torch only: the same prep the Trainer runs
+      data = task.prepare(AutoTokenizer.from_pretrained(cfg.model.name_or_path))
+    metrics, row["torch_s"] = run_torch(name, cfg, task, data, args.threads)
+    row["torch"] = main_metric(task, metrics)
+    print(f"[{name}] pytorch: {row['torch'][0]} {row['torch'][1]}  ({row['torch_s']:.1f} s)",
+          flush=True)
+  row["sizes"] = (len(data.train), len(data.eval))
+  return row
+
+
+def print_table(rows, threads):
+  """The settings of each task, then task | metric | flaxhf | PyTorch | flaxhf s | PyTorch s."""
+  print(f"\nMiniLM fine-tunes, float32, one JAX device, torch threads {threads}")
+  for r in rows:
+    c, unit = r["cfg"], "windows" if "QA" in r["task"] else "examples"
+    print(f"  {r['task']}: {c.train.steps} steps x {c.train.batch_size}, lr "
+          f"{c.train.learning_rate:g}, warmup {c.train.warmup_ratio:g}, max_length "
+          f"{c.data.max_length}, {r['sizes'][0]} train / {r['sizes'][1]} eval {unit}")
+  head = ("task", "metric", "flaxhf metric", "PyTorch metric", "flaxhf wall s", "PyTorch wall s")
+  widths = (18, 8, 14, 14, 13, 14)
+  print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
+  print("-+-".join("-" * w for w in widths))
+  for r in rows:
+    cells = (r["task"], (r.get("flaxhf") or r.get("torch"))[0], r.get("flaxhf", ("", "-"))[1],
+             r.get("torch", ("", "-"))[1], f"{r['flaxhf_s']:.1f}" if "flaxhf_s" in r else "-",
+             f"{r['torch_s']:.1f}" if "torch_s" in r else "-")
+    print(" | ".join(str(x).ljust(w) for x, w in zip(cells, widths)))
+
+
+def task_defaults(flag):
+  """--help text listing each task's default for `flag`."""
+  return "default: " + ", ".join(f"{n} {spec[flag] or 'all'}" for n, spec in TASKS.items())
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--tasks", default="ner,qa,mc", help="comma-separated subset of ner,qa,mc")
+  for flag in ("steps", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
+    p.add_argument(f"--{flag}", type=int, default=None, help=task_defaults(flag))
+  p.add_argument("--lr", type=float, default=None, help="default: each local config's")
+  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                 help="torch intra-op threads (default: the cores this process may use)")
+  p.add_argument("--only", choices=["flaxhf", "torch"], default=None)
+  args = p.parse_args()
+  names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+  unknown = [n for n in names if n not in TASKS]
+  if unknown:
+    p.error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+  rows = [run_task(n, args) for n in names]
+  print_table(rows, args.threads)
+
+
+if __name__ == "__main__":
+  main()
