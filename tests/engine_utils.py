@@ -60,12 +60,7 @@ def tiny_config(model_dir, train_file, validation_file, **overrides):
   cfg.train.log_every = 1
   cfg.train.progress_bar = False
   cfg.checkpoint.async_save = False
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)  # dotted keys; the lock still rejects typos
   return cfg
 
 

@@ -24,12 +24,7 @@ def _cfg(module, arg, **overrides):
   """A config from configs/<module>.py:<arg>, with dotted-key overrides."""
   import importlib
   cfg = importlib.import_module(f"configs.{module}").get_config(arg)
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)  # dotted keys; the lock still rejects typos
   return cfg
 
 

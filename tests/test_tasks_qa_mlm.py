@@ -367,12 +367,7 @@ def _local_config(module, arg, **overrides):
   cfg.checkpoint.async_save = False
   cfg.checkpoint.every_steps = 10_000
   cfg.mesh.data = 1
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)  # dotted keys; the lock still rejects typos
   return cfg
 
 
