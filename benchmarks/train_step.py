@@ -35,19 +35,19 @@ def train_flops(config, batch, length):
   return 3 * (2 * matmul_params * tokens + attention)
 
 
-def gemm_peak(n=2048, reps=10):
-  """Best fp32 matmul FLOP/s of JAX and torch on this machine."""
+def gemm_peak(n=2048, reps=10, dtype="float32"):
+  """Best matmul FLOP/s of JAX and torch on this machine: (best, jax, torch)."""
   import jax
   import jax.numpy as jnp
   import torch
-  a = jnp.ones((n, n), jnp.float32)
+  a = jnp.ones((n, n), getattr(jnp, dtype))
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   t = time.perf_counter()
   for _ in range(reps):
     f(a).block_until_ready()
   jax_peak = 2 * n**3 * reps / (time.perf_counter() - t)
-  b = torch.ones(n, n)
+  b = torch.ones(n, n, dtype=getattr(torch, dtype))
   b @ b
   t = time.perf_counter()
   for _ in range(reps):
@@ -87,7 +87,10 @@ def flaxhf_step_time(config, batch, length, dtype, steps):
   for _ in range(steps):
     state, m = step(state, data)
   jax.block_until_ready(m)
-  return (time.perf_counter() - t) / steps
+  elapsed = time.perf_counter() - t
+  if getattr(step, "_cache_size", lambda: 1)() != 1:
+    print("warning: the train step compiled more than once; the timing includes a compile")
+  return elapsed / steps
 
 
 def torch_step_time(config, batch, length, dtype, steps):
@@ -129,6 +132,9 @@ def main():
   peak, jax_peak, torch_peak = gemm_peak()
   print(f"GEMM peak fp32: {peak / 1e9:.1f} GFLOP/s (jax {jax_peak / 1e9:.1f}, torch "
         f"{torch_peak / 1e9:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if "bfloat16" in args.dtypes:  # what each library's bf16 matmul reaches (MFU stays vs fp32)
+    _, jax_bf16, torch_bf16 = gemm_peak(dtype="bfloat16")
+    print(f"GEMM bf16: jax {jax_bf16 / 1e9:.1f}, torch {torch_bf16 / 1e9:.1f} GFLOP/s")
   print(f"{'model':10s} {'dtype':9s} {'B x L':8s} {'flaxhf tok/s':>13s} {'MFU':>6s} "
         f"{'torch tok/s':>12s} {'MFU':>6s} {'flaxhf/torch':>12s}")
   for name in args.models.split(","):

@@ -62,6 +62,48 @@ def test_grad_accumulation_equals_big_batch(setup, tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
+def test_train_step_compiles_once_per_bucket(setup, tmp_path):
+  cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **{"train.steps": 6})
+  trainer = engine.Trainer(cfg, str(tmp_path), jax.devices()[:1])
+  step, lengths = trainer._train_step, set()
+
+  def recording_step(state, batch):
+    lengths.add(batch["input_ids"].shape)
+    return step(state, batch)
+
+  trainer._train_step = recording_step
+  try:
+    trainer.fit()
+  finally:
+    trainer.ckpt.close()
+  # A second compile for the step's own (sharded) outputs would double the count.
+  assert step._cache_size() == len(lengths) >= 1
+
+
+def test_step_from_unplaced_params_compiles_once(setup):
+  import flaxhf
+  from configs.text_classification import get_config
+  from flaxhf.data.text_classification import TaskData
+  from flaxhf.train import optim, tasks
+  cfg = get_config("smoke")
+  model = flaxhf.FlaxAutoModelForSequenceClassification.from_pretrained(setup["model"],
+                                                                         num_labels=2)
+  task = tasks.TextClassification(cfg)
+  task.configure_model(model.config, TaskData(train=None, eval=None, label_list=None, num_labels=2,
+                                              problem_type="single_label_classification"))
+  tx, schedule = optim.make_optimizer(cfg.train, 10)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  shardings, _ = engine.make_state_shardings(model, tx, mesh, "dp")
+  state = engine.init_state(tx, model.params, 0, shardings)  # params on the default device
+  step = engine.build_train_step(model, task, tx, schedule, 1, mesh, shardings)
+  batch = {"input_ids": np.full((4, 16), 2000, np.int32), "attention_mask": np.ones((4, 16), np.int32),
+           "token_type_ids": np.zeros((4, 16), np.int32), "labels": np.array([0, 1, 0, 1], np.int32)}
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1
+
+
 def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):
   import torch
   import transformers

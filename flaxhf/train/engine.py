@@ -120,7 +120,12 @@ def make_state_shardings(model, tx, mesh, rules):
 
 
 def init_state(tx, params, seed, state_shardings):
-  """A fresh train state on its shardings: optimizer initialised where its params live."""
+  """A fresh train state on its shardings: optimizer initialised where its params live.
+
+  Params are put on their shardings first (a no-op when they already are): a step compiled for
+  single-device inputs would otherwise compile a second time for its own sharded outputs.
+  """
+  params = jax.device_put(params, state_shardings["params"])
   opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
   rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), state_shardings["rng"])
   step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"])
