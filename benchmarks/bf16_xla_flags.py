@@ -19,6 +19,9 @@ CANDIDATES = [
     "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
     "--xla_cpu_enable_fast_math=true",
     "--xla_cpu_use_thunk_runtime=false",
+    "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "--xla_cpu_experimental_ynn_fusion_type=dot",
 ]
 
 

@@ -2,6 +2,7 @@
 
   python benchmarks/compare_tasks.py [--tasks ner,qa,mc] [--steps N] [--batch_size B] [--lr LR]
       [--max_length L] [--max_train_samples N] [--max_eval_samples N] [--only flaxhf|torch]
+      [--seeds 42,43,44]
 
 Tasks use their `local` configs (configs/{token_classification,qa,multiple_choice}.py): CoNLL-2003,
 the SQuAD v1.1 article split and CODAH (SWAG layout), all with the offline MiniLM checkpoint.
@@ -12,7 +13,12 @@ labels), the same batches in the same order (flaxhf's batcher and seed), steps, 
 rate, linear warmup/decay, AdamW betas/eps/weight decay and gradient clipping, all read from the one
 config; the same metric code (the task's `metrics`, so seqeval, SQuAD post-processing + EM/F1, and
 accuracy run on the PyTorch predictions too). PyTorch pads each batch to its longest example
-(dynamic padding); flaxhf pads to length buckets. The heads start from different random draws.
+(dynamic padding); flaxhf pads to length buckets. Both start from the same weights: PyTorch loads
+flaxhf's initial parameters (the checkpoint plus the head flaxhf drew), so what differs between the
+sides is only the dropout draws (`--independent_init` gives PyTorch its own head draw instead).
+With several seeds (which change the head's initialisation, dropout and data order on both sides)
+the table ends with each side's mean and standard deviation: compare means, since one seed moves
+CODAH accuracy by a point or more.
 Wall s is the training loop plus evaluation; for flaxhf it includes jit compilation, the final
 checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
 """
@@ -20,6 +26,7 @@ checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
 import argparse
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +52,7 @@ TASKS = {
 NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)"}
 
 
-def task_config(name, args):
+def task_config(name, args, seed):
   """The task's `local` config with this run's overrides (the config stays locked: typos fail)."""
   spec = TASKS[name]
   cfg = importlib.import_module(spec["config"]).get_config("local")
@@ -62,7 +69,7 @@ def task_config(name, args):
     cfg.data.doc_stride = min(cfg.data.doc_stride, cfg.data.max_length // 3)
   cfg.data.max_train_samples = pick("max_train_samples")
   cfg.data.max_eval_samples = pick("max_eval_samples")
-  cfg.train.seed = args.seed
+  cfg.train.seed = seed
   cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
   cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
@@ -70,19 +77,28 @@ def task_config(name, args):
 
 
 def main_metric(task, metrics):
-  """(label, value) of the task's headline metric, with SQuAD's exact match alongside its F1."""
+  """(label, values) of the task's headline metric, with SQuAD's exact match alongside its F1."""
   key = task.main_metric[0]
   if "exact_match" in metrics:
-    return "EM/F1", f"{metrics['exact_match']:.2f}/{metrics[key]:.2f}"
-  return key, f"{metrics[key]:.4f}"
+    return "EM/F1", (float(metrics["exact_match"]), float(metrics[key]))
+  return key, (float(metrics[key]),)
 
 
-def run_flaxhf(cfg):
-  """Trains and evaluates through engine.Trainer on one device; returns (metrics, wall s, data)."""
+def fmt(values):
+  return "/".join(f"{v:.2f}" if v > 1 else f"{v:.4f}" for v in values)
+
+
+def run_flaxhf(cfg, init_dir=None):
+  """Trains and evaluates through engine.Trainer on one device; returns (metrics, wall s, data).
+
+  With `init_dir`, the initial parameters (head included) are saved there first, in PyTorch format.
+  """
   import jax
   from flaxhf.train import engine
   with tempfile.TemporaryDirectory() as workdir:
     trainer = engine.Trainer(cfg, workdir, devices=jax.devices()[:1])
+    if init_dir:
+      trainer.model.save_pretrained(init_dir, params=trainer.state["params"])
     t0 = time.perf_counter()
     try:
       results = trainer.fit()
@@ -103,8 +119,8 @@ def to_torch(batch, keys, n=None):
   return {k: torch.from_numpy(np.asarray(batch[k][:n], np.int64)) for k in keys if k in batch}
 
 
-def run_torch(name, cfg, task, data, threads):
-  """The same fine-tune as a PyTorch transformers loop; returns (metrics, wall s)."""
+def run_torch(name, cfg, task, data, threads, init_dir=None):
+  """The same fine-tune as a PyTorch transformers loop, from `init_dir` if given; (metrics, wall s)."""
   import torch
   import transformers
   from flaxhf.data import batching
@@ -116,7 +132,7 @@ def run_torch(name, cfg, task, data, threads):
   config = transformers.AutoConfig.from_pretrained(path)
   task.configure_model(config, data)  # the labels / num_labels flaxhf's model gets
   auto = getattr(transformers, TASKS[name]["auto"])
-  model = auto.from_pretrained(path, config=config)
+  model = auto.from_pretrained(init_dir or path, config=config)
   named = list(model.named_parameters())
   no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
   decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
@@ -162,47 +178,70 @@ def run_torch(name, cfg, task, data, threads):
   return metrics, time.perf_counter() - t0
 
 
-def run_task(name, args):
-  """One task on both sides: a result row for the table."""
+def run_task(name, args, seed):
+  """One task on both sides with one seed: a result row for the table."""
   from transformers import AutoTokenizer
   from flaxhf.train.tasks import get_task
-  cfg = task_config(name, args)
-  row = {"task": NAMES[name], "cfg": cfg}
+  cfg = task_config(name, args, seed)
+  row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
   data = None
+  init_dir = None if args.independent_init or args.only else tempfile.mkdtemp(prefix="init_")
   if args.only != "torch":
-    results, row["flaxhf_s"], data = run_flaxhf(cfg)
+    results, row["flaxhf_s"], data = run_flaxhf(cfg, init_dir)
     row["flaxhf"] = main_metric(get_task(cfg), results)
-    print(f"[{name}] flaxhf: {row['flaxhf'][0]} {row['flaxhf'][1]}  ({row['flaxhf_s']:.1f} s)",
-          flush=True)
+    print(f"[{name} seed {seed}] flaxhf: {row['flaxhf'][0]} {fmt(row['flaxhf'][1])}  "
+          f"({row['flaxhf_s']:.1f} s)", flush=True)
   if args.only != "flaxhf":
     task = get_task(cfg)
     if data is None:  # torch only: the same prep the Trainer runs
       data = task.prepare(AutoTokenizer.from_pretrained(cfg.model.name_or_path))
-    metrics, row["torch_s"] = run_torch(name, cfg, task, data, args.threads)
+    metrics, row["torch_s"] = run_torch(name, cfg, task, data, args.threads, init_dir)
     row["torch"] = main_metric(task, metrics)
-    print(f"[{name}] pytorch: {row['torch'][0]} {row['torch'][1]}  ({row['torch_s']:.1f} s)",
-          flush=True)
+    print(f"[{name} seed {seed}] pytorch: {row['torch'][0]} {fmt(row['torch'][1])}  "
+          f"({row['torch_s']:.1f} s)", flush=True)
   row["sizes"] = (len(data.train), len(data.eval))
+  if init_dir:
+    shutil.rmtree(init_dir, ignore_errors=True)
   return row
 
 
 def print_table(rows, threads):
   """The settings of each task, then task | metric | flaxhf | PyTorch | flaxhf s | PyTorch s."""
   print(f"\nMiniLM fine-tunes, float32, one JAX device, torch threads {threads}")
-  for r in rows:
+  for r in [r for r in rows if r["seed"] == rows[0]["seed"]]:
     c, unit = r["cfg"], "windows" if "QA" in r["task"] else "examples"
     print(f"  {r['task']}: {c.train.steps} steps x {c.train.batch_size}, lr "
           f"{c.train.learning_rate:g}, warmup {c.train.warmup_ratio:g}, max_length "
           f"{c.data.max_length}, {r['sizes'][0]} train / {r['sizes'][1]} eval {unit}")
-  head = ("task", "metric", "flaxhf metric", "PyTorch metric", "flaxhf wall s", "PyTorch wall s")
-  widths = (18, 8, 14, 14, 13, 14)
+  head = ("task", "seed", "metric", "flaxhf metric", "PyTorch metric", "flaxhf wall s",
+          "PyTorch wall s")
+  widths = (18, 5, 8, 16, 16, 13, 14)
   print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
   print("-+-".join("-" * w for w in widths))
-  for r in rows:
-    cells = (r["task"], (r.get("flaxhf") or r.get("torch"))[0], r.get("flaxhf", ("", "-"))[1],
-             r.get("torch", ("", "-"))[1], f"{r['flaxhf_s']:.1f}" if "flaxhf_s" in r else "-",
-             f"{r['torch_s']:.1f}" if "torch_s" in r else "-")
+
+  def line(task, seed, metric, f, t, fs, ts):
+    cells = (task, seed, metric, f, t, fs, ts)
     print(" | ".join(str(x).ljust(w) for x, w in zip(cells, widths)))
+
+  for r in rows:
+    line(r["task"], r["seed"], (r.get("flaxhf") or r.get("torch"))[0],
+         fmt(r["flaxhf"][1]) if "flaxhf" in r else "-", fmt(r["torch"][1]) if "torch" in r else "-",
+         f"{r['flaxhf_s']:.1f}" if "flaxhf_s" in r else "-",
+         f"{r['torch_s']:.1f}" if "torch_s" in r else "-")
+  for task in dict.fromkeys(r["task"] for r in rows):
+    runs = [r for r in rows if r["task"] == task]
+    if len(runs) < 2:
+      continue
+    cells = []
+    for side in ("flaxhf", "torch"):
+      vals = np.array([r[side][1] for r in runs if side in r])
+      cells.append("-" if not len(vals) else "/".join(
+          (f"{m:.2f}+-{s:.2f}" if m > 1 else f"{m:.4f}+-{s:.4f}")
+          for m, s in zip(vals.mean(0), vals.std(0, ddof=1))))
+    secs = [np.mean([r[k] for r in runs]) if all(k in r for r in runs) else None
+            for k in ("flaxhf_s", "torch_s")]
+    line(task, "mean", (runs[0].get("flaxhf") or runs[0].get("torch"))[0], *cells,
+         *(f"{x:.1f}" if x is not None else "-" for x in secs))
 
 
 def task_defaults(flag):
@@ -216,16 +255,19 @@ def main():
   for flag in ("steps", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
     p.add_argument(f"--{flag}", type=int, default=None, help=task_defaults(flag))
   p.add_argument("--lr", type=float, default=None, help="default: each local config's")
-  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--seeds", default="42", help="comma-separated; every task runs once per seed")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                  help="torch intra-op threads (default: the cores this process may use)")
   p.add_argument("--only", choices=["flaxhf", "torch"], default=None)
+  p.add_argument("--independent_init", action="store_true",
+                 help="PyTorch draws its own head instead of starting from flaxhf's initial weights")
   args = p.parse_args()
   names = [n.strip() for n in args.tasks.split(",") if n.strip()]
   unknown = [n for n in names if n not in TASKS]
   if unknown:
     p.error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-  rows = [run_task(n, args) for n in names]
+  seeds = [int(x) for x in args.seeds.split(",")]
+  rows = [run_task(n, args, seed) for n in names for seed in seeds]
   print_table(rows, args.threads)
 
 

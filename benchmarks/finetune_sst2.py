@@ -1,11 +1,14 @@
 """End-to-end MiniLM fine-tune on SST-2: flaxhf's engine vs a careful PyTorch loop, same run.
 
   python benchmarks/finetune_sst2.py [--steps 300] [--batch_size 32] [--lr 5e-5] [--dtype float32]
+      [--seeds 42,43,44]
 
 Both sides: the same checkpoint, train/dev files, steps, global batch, learning rate, linear
 warmup/decay, AdamW without decay on biases/LayerNorm, gradient clipping 1.0, max length 128.
 PyTorch pads each batch to its longest example (dynamic padding); flaxhf pads to length buckets.
-Prints wall clock (training loop, and end to end with data and compilation) and dev accuracy.
+Prints wall clock (training loop, and end to end with data and compilation) and dev accuracy,
+per seed and, with several seeds, their mean and standard deviation: on 872 dev sentences one
+seed's accuracy moves by about a point, so compare means.
 """
 
 import argparse
@@ -24,7 +27,7 @@ def glue_files(data_dir):
   return os.path.join(folder, "train.tsv"), os.path.join(folder, "dev.tsv")
 
 
-def run_flaxhf(args, model_path, train_file, dev_file):
+def run_flaxhf(args, seed, model_path, train_file, dev_file):
   import jax
   from configs.text_classification import get_config
   from flaxhf.train import engine
@@ -36,6 +39,7 @@ def run_flaxhf(args, model_path, train_file, dev_file):
   cfg.data.group_by_length = args.group_by_length
   cfg.train.steps, cfg.train.batch_size = args.steps, args.batch_size
   cfg.train.learning_rate, cfg.train.warmup_ratio = args.lr, 0.1
+  cfg.train.seed = seed
   cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
   cfg.checkpoint.every_steps = args.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
@@ -49,11 +53,11 @@ def run_flaxhf(args, model_path, train_file, dev_file):
   return {"train_s": t2 - t1, "total_s": t2 - t0, "accuracy": results["accuracy"]}
 
 
-def run_torch(args, model_path, train_file, dev_file):
+def run_torch(args, seed, model_path, train_file, dev_file):
   import torch
   import transformers
   from flaxhf.data.sources import read_file
-  torch.manual_seed(args.seed)
+  torch.manual_seed(seed)
   t0 = time.perf_counter()
   tok = transformers.AutoTokenizer.from_pretrained(model_path)
   train, dev = read_file(train_file), read_file(dev_file)
@@ -75,7 +79,7 @@ def run_torch(args, model_path, train_file, dev_file):
       x[i, :len(row)], m[i, :len(row)] = torch.tensor(row), 1
     return x, m
 
-  rng = np.random.default_rng(args.seed)
+  rng = np.random.default_rng(seed)
   order = rng.permutation(len(enc))
   model.train()
   t1 = time.perf_counter()
@@ -106,7 +110,7 @@ def main():
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--lr", type=float, default=5e-5)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--seeds", default="42", help="comma-separated; each seed runs both sides")
   p.add_argument("--group_by_length", action="store_true")
   p.add_argument("--only", choices=["flaxhf", "torch"], default=None)
   args = p.parse_args()
@@ -115,16 +119,26 @@ def main():
   torch.set_num_threads(os.cpu_count())
   model_path = minilm_path()
   train_file, dev_file = glue_files(os.environ.get("FLAXHF_DATA", DATA_DIR))
-  rows = {}
-  if args.only != "torch":
-    rows["flaxhf"] = run_flaxhf(args, model_path, train_file, dev_file)
-  if args.only != "flaxhf":
-    rows["pytorch"] = run_torch(args, model_path, train_file, dev_file)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  rows = {"flaxhf": [], "pytorch": []}
+  for seed in seeds:
+    if args.only != "torch":
+      rows["flaxhf"].append(run_flaxhf(args, seed, model_path, train_file, dev_file))
+      print(f"seed {seed} flaxhf: {rows['flaxhf'][-1]}", flush=True)
+    if args.only != "flaxhf":
+      rows["pytorch"].append(run_torch(args, seed, model_path, train_file, dev_file))
+      print(f"seed {seed} pytorch: {rows['pytorch'][-1]}", flush=True)
   print(f"MiniLM SST-2, {args.steps} steps x {args.batch_size}, lr {args.lr}, {args.dtype}"
-        f"{', group_by_length' if args.group_by_length else ''}")
-  print(f"{'':8s} {'train+eval s':>12s} {'end-to-end s':>12s} {'dev acc':>8s}")
-  for name, r in rows.items():
-    print(f"{name:8s} {r['train_s']:12.1f} {r['total_s']:12.1f} {r['accuracy']:8.4f}")
+        f"{', group_by_length' if args.group_by_length else ''}, seeds {seeds}")
+  print(f"{'':8s} {'seed':>5s} {'train+eval s':>12s} {'end-to-end s':>12s} {'dev acc':>8s}")
+  for name, runs in rows.items():
+    for seed, r in zip(seeds, runs):
+      print(f"{name:8s} {seed:5d} {r['train_s']:12.1f} {r['total_s']:12.1f} {r['accuracy']:8.4f}")
+    if len(runs) > 1:
+      mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+      std = np.std([r["accuracy"] for r in runs], ddof=1)
+      print(f"{name:8s} {'mean':>5s} {mean['train_s']:12.1f} {mean['total_s']:12.1f} "
+            f"{mean['accuracy']:8.4f} +- {std:.4f}")
 
 
 if __name__ == "__main__":

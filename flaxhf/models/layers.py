@@ -103,7 +103,8 @@ class LayerNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-  """`torch.nn.Embedding` (`weight` [num, dim]); the padding row starts at zero as in transformers."""
+  """`torch.nn.Embedding` (`weight` [num, dim]) with its `padding_idx` rule: the padding row starts
+  at zero and never gets a gradient from lookups (a QA loss over padded positions would train it)."""
 
   num_embeddings: int
   features: int
@@ -124,7 +125,10 @@ class Embedding(nn.Module):
                              (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids):
-    return jnp.take(self.weight, ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.weight, ids, axis=0)
+    if self.padding_idx is not None:
+      x = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
+    return x.astype(self.dtype)
 
   def attend(self, x):
     """Projects onto the vocabulary with the (tied) embedding matrix."""
