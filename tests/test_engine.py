@@ -62,6 +62,17 @@ def test_grad_accumulation_equals_big_batch(setup, tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
+def test_bf16_compute_keeps_fp32_params_and_learns(setup, tmp_path, caplog):
+  _, _, want = train(setup, tmp_path / "fp32", devices=jax.devices()[:1], **{"mesh.data": 1})
+  with caplog.at_level("WARNING", logger="flaxhf"):
+    trainer, results, got = train(setup, tmp_path / "bf16", devices=jax.devices()[:1],
+                                  **{"mesh.data": 1, "model.dtype": "bfloat16"})
+  assert "use model.dtype=float32 on CPU" in caplog.text
+  assert {a.dtype for a in jax.tree_util.tree_leaves(trainer.state["params"])} == {np.dtype("float32")}
+  assert got[-1] < got[0]
+  np.testing.assert_allclose(got, want, rtol=5e-2)  # the fp32 run's losses, to bf16 rounding
+
+
 def test_train_step_compiles_once_per_bucket(setup, tmp_path):
   cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **{"train.steps": 6})
   trainer = engine.Trainer(cfg, str(tmp_path), jax.devices()[:1])
