@@ -2,11 +2,11 @@
 
   python benchmarks/compare_tasks.py [--tasks ner,qa,mc] [--steps N] [--batch_size B] [--lr LR]
       [--max_length L] [--max_train_samples N] [--max_eval_samples N] [--only flaxhf|torch]
-      [--seeds 42,43,44]
+      [--seeds 42,43,44] [--set KEY=VALUE ...]
 
 Tasks use their `local` configs (configs/{token_classification,qa,multiple_choice}.py): CoNLL-2003,
 the SQuAD v1.1 article split and CODAH (SWAG layout), all with the offline MiniLM checkpoint.
-Unset flags take each task's default (see --help; ~15-20 min in all on 2 quiet CPU cores).
+Unset flags take each task's default (see --help; ~35 min in all per seed on 2 quiet CPU cores).
 
 Both sides: the same preprocessed examples (flaxhf's own data prep, so identical token ids and
 labels), the same batches in the same order (flaxhf's batcher and seed), steps, batch, learning
@@ -24,6 +24,7 @@ checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
 """
 
 import argparse
+import ast
 import importlib
 import os
 import shutil
@@ -35,18 +36,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-# Per task: config module, PyTorch auto class, and the defaults of the flags left unset. Estimated
-# from single-thread step times: ~4 min NER, ~10 min QA, ~6 min MC (both sides, 2 quiet cores); QA
-# stops at 150 steps because each further 150 steps x 16 windows x 256 tokens adds ~9 min.
+# Per task: config module, PyTorch auto class, and the defaults of the flags left unset (lr None:
+# the local config's). Per seed, both sides, 2 quiet cores: ~5 min NER, ~25 min QA, ~6 min MC. QA
+# runs 300 steps at lr 1e-4: at the local config's 3e-4, 150 steps are unstable (PyTorch's F1 ran
+# from 20.7 to 36.7 over three seeds).
 TASKS = {
     "ner": dict(config="configs.token_classification", auto="AutoModelForTokenClassification",
-                steps=300, batch_size=16, max_length=128, max_train_samples=None,
+                steps=300, batch_size=16, lr=None, max_length=128, max_train_samples=None,
                 max_eval_samples=None),
     "qa": dict(config="configs.qa", auto="AutoModelForQuestionAnswering",
-               steps=150, batch_size=16, max_length=256, max_train_samples=None,
+               steps=300, batch_size=16, lr=1e-4, max_length=256, max_train_samples=None,
                max_eval_samples=300),
     "mc": dict(config="configs.multiple_choice", auto="AutoModelForMultipleChoice",
-               steps=300, batch_size=8, max_length=64, max_train_samples=None,
+               steps=300, batch_size=8, lr=None, max_length=64, max_train_samples=None,
                max_eval_samples=None),
 }
 NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)"}
@@ -62,8 +64,8 @@ def task_config(name, args, seed):
     return spec[flag] if value is None else value
 
   cfg.train.steps, cfg.train.batch_size = pick("steps"), pick("batch_size")
-  if args.lr is not None:
-    cfg.train.learning_rate = args.lr
+  if pick("lr") is not None:
+    cfg.train.learning_rate = pick("lr")
   cfg.data.max_length = pick("max_length")
   if name == "qa":  # keep run_qa.py's overlap of a third (128 of 384) for shorter windows
     cfg.data.doc_stride = min(cfg.data.doc_stride, cfg.data.max_length // 3)
@@ -73,6 +75,13 @@ def task_config(name, args, seed):
   cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
   cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
+  for item in args.set:  # e.g. train.loss_includes_padding=True; a mistyped key fails here
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare string
+    cfg.update_from_flattened_dict({key: value})
   return cfg
 
 
@@ -254,10 +263,13 @@ def main():
   p.add_argument("--tasks", default="ner,qa,mc", help="comma-separated subset of ner,qa,mc")
   for flag in ("steps", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
     p.add_argument(f"--{flag}", type=int, default=None, help=task_defaults(flag))
-  p.add_argument("--lr", type=float, default=None, help="default: each local config's")
+  p.add_argument("--lr", type=float, default=None,
+                 help="default: qa 1e-4, the others their local config's")
   p.add_argument("--seeds", default="42", help="comma-separated; every task runs once per seed")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                  help="torch intra-op threads (default: the cores this process may use)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override for every task, e.g. train.loss_includes_padding=True")
   p.add_argument("--only", choices=["flaxhf", "torch"], default=None)
   p.add_argument("--independent_init", action="store_true",
                  help="PyTorch draws its own head instead of starting from flaxhf's initial weights")
@@ -269,6 +281,8 @@ def main():
   seeds = [int(x) for x in args.seeds.split(",")]
   rows = [run_task(n, args, seed) for n in names for seed in seeds]
   print_table(rows, args.threads)
+  if args.set:
+    print("config overrides: " + ", ".join(args.set))
 
 
 if __name__ == "__main__":

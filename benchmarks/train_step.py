@@ -60,9 +60,8 @@ def flaxhf_step_time(config, batch, length, dtype, steps):
   import jax
   import jax.numpy as jnp
   from configs.text_classification import get_config
-  from flaxhf import sharding
   from flaxhf.models.auto import FlaxAutoModelForSequenceClassification
-  from flaxhf.train import engine, optim, tasks
+  from flaxhf.train import engine, tasks
   from flaxhf.data.text_classification import TaskData
   cfg = get_config("smoke")
   model = FlaxAutoModelForSequenceClassification.from_config(
@@ -70,11 +69,7 @@ def flaxhf_step_time(config, batch, length, dtype, steps):
   task = tasks.TextClassification(cfg)
   task.configure_model(config, TaskData(train=None, eval=None, label_list=None, num_labels=2,
                                         problem_type="single_label_classification"))
-  tx, schedule = optim.make_optimizer(cfg.train, 1000)
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  shardings, _ = engine.make_state_shardings(model, tx, mesh, "dp")
-  state = engine.init_state(tx, model.params, 0, shardings)
-  step = engine.build_train_step(model, task, tx, schedule, 1, mesh, shardings)
+  state, step = engine.make_train_step(model, task, cfg.train, 1000)
   rng = np.random.RandomState(0)
   data = {"input_ids": rng.randint(1000, 30000, (batch, length)).astype(np.int32),
           "attention_mask": np.ones((batch, length), np.int32),

@@ -31,6 +31,9 @@ def get_config(arg=None):
   c.data.context_column = "context"
   c.data.answer_column = "answers"
   c.train.epochs = 2.0
+  # False: padded positions stay out of the start/end softmax. True: transformers' loss, whose
+  # softmax includes them (so it changes with the padding of each batch).
+  c.train.loss_includes_padding = False
   c.train.learning_rate = 3e-5
   if "local" in flags:
     if v2:

@@ -51,7 +51,8 @@ def prepare_qa_features(tokenizer, questions: Sequence[str], contexts: Sequence[
   # A window holds max_length minus the question and specials; when a context overflows, the stride
   # must leave its window room to move (the Rust tokenizer panics, uncatchably, otherwise).
   specials = tokenizer.num_special_tokens_to_add(pair=True)
-  lengths = tokenizer(questions + contexts, add_special_tokens=False)["input_ids"]
+  lengths = tokenizer(questions + contexts, add_special_tokens=False,
+                      verbose=False)["input_ids"]  # whole contexts: no "too long" warning
   for q_ids, c_ids in zip(lengths[:len(questions)], lengths[len(questions):]):
     room = max_length - len(q_ids) - specials
     if len(q_ids) + len(c_ids) + specials > max_length and room <= doc_stride:

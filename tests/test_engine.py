@@ -95,18 +95,14 @@ def test_step_from_unplaced_params_compiles_once(setup):
   import flaxhf
   from configs.text_classification import get_config
   from flaxhf.data.text_classification import TaskData
-  from flaxhf.train import optim, tasks
+  from flaxhf.train import tasks
   cfg = get_config("smoke")
   model = flaxhf.FlaxAutoModelForSequenceClassification.from_pretrained(setup["model"],
                                                                          num_labels=2)
   task = tasks.TextClassification(cfg)
   task.configure_model(model.config, TaskData(train=None, eval=None, label_list=None, num_labels=2,
                                               problem_type="single_label_classification"))
-  tx, schedule = optim.make_optimizer(cfg.train, 10)
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  shardings, _ = engine.make_state_shardings(model, tx, mesh, "dp")
-  state = engine.init_state(tx, model.params, 0, shardings)  # params on the default device
-  step = engine.build_train_step(model, task, tx, schedule, 1, mesh, shardings)
+  state, step = engine.make_train_step(model, task, cfg.train, 10)  # params on the default device
   batch = {"input_ids": np.full((4, 16), 2000, np.int32), "attention_mask": np.ones((4, 16), np.int32),
            "token_type_ids": np.zeros((4, 16), np.int32), "labels": np.array([0, 1, 0, 1], np.int32)}
   for _ in range(3):

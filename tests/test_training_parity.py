@@ -72,9 +72,8 @@ def test_gradients_match_pytorch(arch, task, tmp_path):
 def _engine_trajectory(model_dir, task_name, batches, steps, train_overrides):
   """Params after each step of the engine's jitted train step on one device (dropout off)."""
   from configs import multiple_choice, text_classification
-  from flaxhf import sharding
   from flaxhf.data.text_classification import TaskData
-  from flaxhf.train import engine, optim, tasks, tasks_mc
+  from flaxhf.train import engine, tasks, tasks_mc
   module = {"seq": text_classification, "mc": multiple_choice}[task_name]
   cfg = module.get_config("smoke")
   cfg.train.update(train_overrides)
@@ -84,11 +83,7 @@ def _engine_trajectory(model_dir, task_name, batches, steps, train_overrides):
   task.configure_model(model.config, TaskData(train=None, eval=None, label_list=None,
                                               num_labels=model.config.num_labels,
                                               problem_type="single_label_classification"))
-  tx, schedule = optim.make_optimizer(cfg.train, steps)
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  shardings, _ = engine.make_state_shardings(model, tx, mesh, "dp")
-  state = engine.init_state(tx, model.params, 0, shardings)
-  step = engine.build_train_step(model, task, tx, schedule, 1, mesh, shardings)
+  state, step = engine.make_train_step(model, task, cfg.train, steps)
   history = []
   for batch in batches:
     state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -147,3 +142,55 @@ def test_engine_steps_follow_pytorch_adamw(task_name, tmp_path):
   for name in ("classifier.weight", "bert.pooler.dense.weight", "bert.embeddings.LayerNorm.weight",
                "bert.encoder.layer.1.output.dense.bias"):
     assert np.abs(got[-1][1][name] - start[name]).max() > 1e-3, name
+
+
+@pytest.mark.parametrize("includes_padding", [False, True])
+def test_qa_task_loss_and_gradients_against_pytorch(includes_padding, tmp_path):
+  """The engine's QA loss: transformers' own with `train.loss_includes_padding`, else padding-free.
+
+  Padding-free means each row's loss is what transformers gives that row without its padding, so
+  bucket padding cannot move it; with the switch on, it is transformers' loss on the padded batch.
+  """
+  from configs import qa
+  from flaxhf.train import tasks_qa
+  pt = torch_model("bert", "question_answering")
+  pt.save_pretrained(tmp_path)
+  inputs = make_inputs("bert", "question_answering", batch=3, length=12, seed=3)
+  inputs["attention_mask"][1, 5:] = 0  # rows padded by 0, 3 and 7 tokens
+  inputs["input_ids"] = np.where(inputs["attention_mask"] == 1, inputs["input_ids"], 0)
+  inputs["token_type_ids"] *= inputs["attention_mask"]
+  labels = {"start_positions": np.array([1, 2, 4]), "end_positions": np.array([3, 4, 8])}
+  lengths = inputs["attention_mask"].sum(1)
+
+  def torch_loss(rows, n):
+    return pt(**{k: torch.tensor(v[rows, :n]) for k, v in inputs.items()},
+              **{k: torch.tensor(v[rows]) for k, v in labels.items()}).loss
+
+  if includes_padding:
+    want_loss = torch_loss(slice(None), None)
+  else:  # mean over rows of each unpadded row's loss, as one batch of three
+    want_loss = sum(torch_loss([i], lengths[i]) for i in range(3)) / 3
+  want_loss.backward()
+  want = {n: p.grad.numpy() for n, p in pt.named_parameters() if p.grad is not None}
+
+  cfg = qa.get_config("smoke")
+  cfg.train.loss_includes_padding = includes_padding
+  task = tasks_qa.QuestionAnswering(cfg)
+  model = flaxhf.FlaxAutoModelForQuestionAnswering.from_pretrained(str(tmp_path))
+  batch = {k: jnp.asarray(v) for k, v in {**inputs, **labels}.items()}
+
+  def loss(params):
+    total, count = task.loss(model(**inputs, params=params), batch)
+    return total / count
+
+  value, grads = jax.value_and_grad(loss)(model.params)
+  np.testing.assert_allclose(float(value), want_loss.item(), rtol=1e-5)
+  got = {k: np.asarray(v) for k, v in flatten(grads).items()}
+  scale = max(np.abs(w).max() for w in want.values())
+  for name, w in want.items():
+    np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+  # The two losses differ on this batch: the switch changes what is trained.
+  other = task.loss(model(**inputs), batch)
+  cfg.train.loss_includes_padding = not includes_padding
+  flipped = tasks_qa.QuestionAnswering(cfg).loss(model(**inputs), batch)
+  assert abs(float(other[0]) - float(flipped[0])) > 1e-3

@@ -132,6 +132,21 @@ def init_state(tx, params, seed, state_shardings):
   return {"step": step, "rng": rng, "params": params, "opt_state": opt_state}
 
 
+def make_train_step(model, task, train_cfg, total_steps: int, mesh=None, rules="dp"):
+  """(state, step) for a loop of your own, built as the Trainer builds them.
+
+  `train_cfg` is a config's `train` block (optimizer, schedule, accumulation, seed); `mesh`
+  defaults to the first local device. Call `state, metrics = step(state, batch)` with a batch of
+  the task's arrays; the step compiles once per batch shape.
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+  tx, schedule = optim.make_optimizer(train_cfg, total_steps)
+  shardings, _ = make_state_shardings(model, tx, mesh, rules)
+  state = init_state(tx, model.params, train_cfg.seed, shardings)
+  step = build_train_step(model, task, tx, schedule, train_cfg.grad_accum_steps, mesh, shardings)
+  return state, step
+
+
 class Trainer:
   """Builds the mesh, model, optimizer and data for `cfg`, then `fit()` trains, evaluates, exports."""
 

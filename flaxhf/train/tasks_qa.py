@@ -39,10 +39,21 @@ class QuestionAnswering(Task):
     config.num_labels = 2  # qa_outputs: one start and one end logit per token
 
   def loss(self, outputs, batch):
-    mask = batch["attention_mask"]
+    """Start and end cross entropy over the window's tokens.
+
+    By default padded positions are left out of the softmax, so the loss does not depend on how far
+    a batch is padded. `train.loss_includes_padding=True` gives transformers' loss instead, whose
+    softmax also spreads over the padded positions (the same numbers only for the same padding).
+    """
+    if self.cfg.train.get("loss_includes_padding", False):
+      start_logits = outputs.start_logits.astype(jnp.float32)
+      end_logits = outputs.end_logits.astype(jnp.float32)
+    else:
+      start_logits = _mask_padding(outputs.start_logits, batch["attention_mask"])
+      end_logits = _mask_padding(outputs.end_logits, batch["attention_mask"])
     ce = optax.softmax_cross_entropy_with_integer_labels
-    start = ce(_mask_padding(outputs.start_logits, mask), batch["start_positions"])
-    end = ce(_mask_padding(outputs.end_logits, mask), batch["end_positions"])
+    start = ce(start_logits, batch["start_positions"])
+    end = ce(end_logits, batch["end_positions"])
     # transformers' loss is (mean start CE + mean end CE) / 2: summed here, divided by the engine.
     return jnp.sum(start + end) / 2, jnp.asarray(start.shape[0], jnp.float32)
 
