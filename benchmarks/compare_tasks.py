@@ -64,8 +64,9 @@ def task_config(name, args, seed):
     return spec[flag] if value is None else value
 
   cfg.train.steps, cfg.train.batch_size = pick("steps"), pick("batch_size")
-  if pick("lr") is not None:
-    cfg.train.learning_rate = pick("lr")
+  lr = pick("lr")
+  if lr is not None:
+    cfg.train.learning_rate = lr
   cfg.data.max_length = pick("max_length")
   if name == "qa":  # keep run_qa.py's overlap of a third (128 of 384) for shorter windows
     cfg.data.doc_stride = min(cfg.data.doc_stride, cfg.data.max_length // 3)

@@ -45,15 +45,15 @@ class QuestionAnswering(Task):
     a batch is padded. `train.loss_includes_padding=True` gives transformers' loss instead, whose
     softmax also spreads over the padded positions (the same numbers only for the same padding).
     """
-    if self.cfg.train.get("loss_includes_padding", False):
-      start_logits = outputs.start_logits.astype(jnp.float32)
-      end_logits = outputs.end_logits.astype(jnp.float32)
-    else:
-      start_logits = _mask_padding(outputs.start_logits, batch["attention_mask"])
-      end_logits = _mask_padding(outputs.end_logits, batch["attention_mask"])
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    start = ce(start_logits, batch["start_positions"])
-    end = ce(end_logits, batch["end_positions"])
+    includes_padding = self.cfg.train.get("loss_includes_padding", False)
+
+    def ce(logits, labels):
+      logits = (logits.astype(jnp.float32) if includes_padding
+                else _mask_padding(logits, batch["attention_mask"]))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    start = ce(outputs.start_logits, batch["start_positions"])
+    end = ce(outputs.end_logits, batch["end_positions"])
     # transformers' loss is (mean start CE + mean end CE) / 2: summed here, divided by the engine.
     return jnp.sum(start + end) / 2, jnp.asarray(start.shape[0], jnp.float32)
 
