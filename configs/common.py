@@ -42,6 +42,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.data.max_train_samples = placeholder(int)
   c.data.max_eval_samples = placeholder(int)
   c.data.group_by_length = False               # batches of similar length (less padding)
+  # Each batch pads to the smallest of these lengths that fits its longest row (capped at
+  # max_length), so the train step compiles once per bucket used; () pads all to max_length.
+  c.data.buckets = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = placeholder(int)             # total optimizer steps; or set epochs

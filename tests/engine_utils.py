@@ -1,9 +1,12 @@
 """Tiny offline training set-ups: a small BERT with a real WordPiece vocab and a synthetic task."""
 
+import contextlib
 import os
 import shutil
 
 import numpy as np
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # one event per XLA compile
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful"]
 NEGATIVE = ["bad", "awful", "poor", "terrible", "boring", "dull"]
@@ -68,3 +71,20 @@ def read_jsonl(path, kind="train"):
   import json
   with open(path) as f:
     return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """A list that gains one entry per XLA compile inside the block (jax's public monitoring events)."""
+  import jax
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == BACKEND_COMPILE:
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

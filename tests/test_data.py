@@ -244,6 +244,16 @@ def test_bucket_length():
   assert batching.steps_per_epoch(100, 8) == 12 and batching.eval_steps(100, 8) == 13
 
 
+def test_check_buckets_and_config_default():
+  from configs.common import base_config
+  assert base_config("x").data.buckets == DEFAULT_BUCKETS  # the config states the default
+  assert batching.check_buckets((128, 64, np.int64(64))) == (64, 128)
+  assert batching.check_buckets(()) == batching.check_buckets(None) == ()
+  for bad in ((0,), (64, "128"), (1.5,), (True,)):
+    with pytest.raises(ValueError, match="data.buckets must be positive ints"):
+      batching.check_buckets(bad)
+
+
 def test_train_batches_bucketing_padding_and_masks():
   ex = _synthetic(200, max_len=100)
   lengths = ex.lengths()

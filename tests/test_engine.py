@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from engine_utils import read_jsonl, tiny_bert_dir, tiny_config, write_sentiment_tsv
+from engine_utils import (count_compiles, read_jsonl, tiny_bert_dir, tiny_config,
+                          write_sentiment_tsv)
 from flaxhf import sharding
 from flaxhf.models.base import flatten
 from flaxhf.train import engine
@@ -73,14 +74,19 @@ def test_bf16_compute_keeps_fp32_params_and_learns(setup, tmp_path, caplog):
   np.testing.assert_allclose(got, want, rtol=5e-2)  # the fp32 run's losses, to bf16 rounding
 
 
-def test_train_step_compiles_once_per_bucket(setup, tmp_path):
-  cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **{"train.steps": 6})
+@pytest.mark.parametrize("buckets", [None, ()])
+def test_train_step_compiles_once_per_bucket(setup, tmp_path, buckets):
+  overrides = {"train.steps": 6, **({} if buckets is None else {"data.buckets": buckets})}
+  cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **overrides)
   trainer = engine.Trainer(cfg, str(tmp_path), jax.devices()[:1])
-  step, lengths = trainer._train_step, set()
+  step, lengths, compiles = trainer._train_step, set(), []
 
   def recording_step(state, batch):
     lengths.add(batch["input_ids"].shape)
-    return step(state, batch)
+    with count_compiles() as during:
+      out = step(state, batch)
+    compiles.extend(during)
+    return out
 
   trainer._train_step = recording_step
   try:
@@ -88,7 +94,17 @@ def test_train_step_compiles_once_per_bucket(setup, tmp_path):
   finally:
     trainer.ckpt.close()
   # A second compile for the step's own (sharded) outputs would double the count.
-  assert step._cache_size() == len(lengths) >= 1
+  assert len(compiles) == len(lengths) >= 1
+  if buckets == ():  # data.buckets=(): every batch padded to max_length, one program
+    assert lengths == {(cfg.train.batch_size, cfg.data.max_length)}
+  else:  # the smoke sentences are short: padded to a 16/24/32 bucket, below max_length 64
+    assert all(length < cfg.data.max_length for _, length in lengths)
+
+
+def test_bad_buckets_fail_before_loading(setup, tmp_path):
+  cfg = tiny_config(setup["model"], setup["train"], setup["dev"], **{"data.buckets": (64, 0)})
+  with pytest.raises(ValueError, match=r"data.buckets must be positive ints .* got \[0\]"):
+    engine.Trainer(cfg, str(tmp_path), jax.devices()[:1])
 
 
 def test_step_from_unplaced_params_compiles_once(setup):
@@ -105,10 +121,12 @@ def test_step_from_unplaced_params_compiles_once(setup):
   state, step = engine.make_train_step(model, task, cfg.train, 10)  # params on the default device
   batch = {"input_ids": np.full((4, 16), 2000, np.int32), "attention_mask": np.ones((4, 16), np.int32),
            "token_type_ids": np.zeros((4, 16), np.int32), "labels": np.array([0, 1, 0, 1], np.int32)}
-  for _ in range(3):
-    state, metrics = step(state, batch)
+  state, metrics = step(state, batch)
+  with count_compiles() as compiles:  # the first step's outputs feed the next: no recompile
+    for _ in range(2):
+      state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  assert step._cache_size() == 1
+  assert compiles == []
 
 
 def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):

@@ -60,6 +60,21 @@ class Examples:
                     values={k: v[indices] for k, v in self.values.items()})
 
 
+def check_buckets(buckets) -> tuple:
+  """`data.buckets` as a sorted tuple of distinct positive ints; a clear error for anything else.
+
+  An empty tuple (or None) pads every batch to max_length: one program to compile, as TPU users
+  running fixed shapes want; `tuple(range(1, max_length + 1))` pads each batch to its longest row.
+  """
+  values = tuple(buckets or ())
+  bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
+  if bad:
+    raise ValueError(f"data.buckets must be positive ints (padded lengths), got {bad}; e.g. "
+                     "--config.data.buckets='(64, 128, 256)', or '()' to pad every batch to "
+                     "data.max_length.")
+  return tuple(sorted({int(b) for b in values}))
+
+
 def bucket_length(n: int, buckets: Optional[Sequence[int]], max_length: int) -> int:
   """The smallest bucket >= n, capped at max_length; max_length when buckets is empty/None."""
   if n > max_length:

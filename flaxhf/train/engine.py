@@ -157,6 +157,7 @@ class Trainer:
     self.task = get_task(cfg)
     self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     self._check_batch_sizes()
+    self.buckets = batching.check_buckets(cfg.data.buckets)
 
     from transformers import AutoConfig, AutoTokenizer
     model_dir = io.resolve_model_dir(cfg.model.name_or_path)
@@ -270,7 +271,7 @@ class Trainer:
     preds = [None] * len(self.data.eval)
     for batch in batching.eval_batches(
         self.data.eval, global_batch_size=self.cfg.train.eval_batch_size,
-        buckets=batching.DEFAULT_BUCKETS, max_length=self.cfg.data.max_length,
+        buckets=self.buckets, max_length=self.cfg.data.max_length,
         pad_values=self._pad_values(), process_index=jax.process_index(),
         process_count=jax.process_count()):
       batch = {k: v for k, v in batch.items() if k in self._eval_keys(batch)}
@@ -293,7 +294,7 @@ class Trainer:
     keys = set(self.task.model_inputs) | set(self.task.label_fields)
     batches = batching.train_batches(
         self.data.train, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-        start_step=self.start_step, buckets=batching.DEFAULT_BUCKETS,
+        start_step=self.start_step, buckets=self.buckets,
         max_length=cfg.data.max_length, pad_values=self._pad_values(),
         process_index=jax.process_index(), process_count=jax.process_count(),
         group_by_length=cfg.data.group_by_length)
