@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import flaxhf
+from engine_utils import count_compiles
 from flaxhf import qa
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -107,11 +108,13 @@ def test_text_classification_picks_function_like_transformers(pipes, monkeypatch
 def test_forward_compiles_once_per_bucket(pipes):
   fp, _ = pipes["seq"]
   fresh = flaxhf.pipeline("sentiment-analysis", model=fp.model, tokenizer=fp.tokenizer)
-  for text in ("short one", "a slightly longer one, still", "another text of another length here"):
-    fresh(text)
-  assert fresh.compiled_shapes() == 1  # lengths 4..9 share the 16-token bucket
-  fresh(TEXTS * 2)
-  assert fresh.compiled_shapes() == 2  # 6 texts: one 8-row batch
+  fresh("warm up")  # compiles the forward, and any small programs the scoring runs
+  with count_compiles() as compiles:
+    for text in ("short one", "a slightly longer one, still", "another text of another length"):
+      fresh(text)
+    assert fresh.compiled_shapes() == 1 and compiles == []  # lengths 4..9 share the 16 bucket
+    fresh(TEXTS * 2)
+  assert fresh.compiled_shapes() == 2 and len(compiles) == 1  # 6 texts: one 8-row batch
   # batch_size splits large inputs into batches; results do not depend on the split.
   small = flaxhf.pipeline("sentiment-analysis", model=fp.model, tokenizer=fp.tokenizer, batch_size=2)
   assert_same(small(TEXTS * 2, top_k=None), fresh(TEXTS * 2, top_k=None), atol=1e-5)

@@ -31,6 +31,7 @@ class Pipeline:
     self.params = self._merge(self.defaults, params)
     # One compiled program per (rows, padded length) bucket; params are an argument, not a constant.
     self._forward_fn = jax.jit(lambda p, batch: self.select_outputs(self.model(**batch, params=p)))
+    self._shapes = set()  # the (rows, padded length) shapes the forward has run at
 
   def _merge(self, base, params):
     unknown = sorted(set(params) - set(self.defaults))
@@ -92,6 +93,7 @@ class Pipeline:
             batch[k][row, :n] = v
         if "attention_mask" not in features[i]:
           batch["attention_mask"][row, :n] = 1
+      self._shapes.add(batch["input_ids"].shape)
       out = jax.device_get(self._forward_fn(self.model.params, batch))
       for row, i in enumerate(idx):
         cut = (lambda x, r=row, n=lengths[i]: x[r, :n]) if self.per_token else (lambda x, r=row: x[r])
@@ -100,7 +102,7 @@ class Pipeline:
 
   def compiled_shapes(self) -> int:
     """How many shapes the forward has been compiled for (one per batch rows x padded length)."""
-    return self._forward_fn._cache_size()
+    return len(self._shapes)
 
 
 def as_list(inputs, kind=str):
