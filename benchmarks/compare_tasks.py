@@ -13,9 +13,12 @@ labels), the same batches in the same order (flaxhf's batcher and seed), steps, 
 rate, linear warmup/decay, AdamW betas/eps/weight decay and gradient clipping, all read from the one
 config; the same metric code (the task's `metrics`, so seqeval, SQuAD post-processing + EM/F1, and
 accuracy run on the PyTorch predictions too). PyTorch pads each batch to its longest example
-(dynamic padding); flaxhf pads to length buckets. Both start from the same weights: PyTorch loads
-flaxhf's initial parameters (the checkpoint plus the head flaxhf drew), so what differs between the
-sides is only the dropout draws (`--independent_init` gives PyTorch its own head draw instead).
+(dynamic padding); flaxhf pads to length buckets. Both train the same loss: for QA that is flaxhf's
+default, which leaves padded positions out of the start/end softmax, written out in the PyTorch loop
+too (`--set train.loss_includes_padding=True` gives both sides transformers' loss). Both start from
+the same weights: PyTorch loads flaxhf's initial parameters (the checkpoint plus the head flaxhf
+drew; with `--only torch` too), so what differs between the sides is only the dropout draws
+(`--independent_init` gives PyTorch its own head draw instead).
 With several seeds (which change the head's initialisation, dropout and data order on both sides)
 the table ends with each side's mean and standard deviation: compare means, since one seed moves
 CODAH accuracy by a point or more.
@@ -98,10 +101,11 @@ def fmt(values):
   return "/".join(f"{v:.2f}" if v > 1 else f"{v:.4f}" for v in values)
 
 
-def run_flaxhf(cfg, init_dir=None):
+def run_flaxhf(cfg, init_dir=None, train=True):
   """Trains and evaluates through engine.Trainer on one device; returns (metrics, wall s, data).
 
-  With `init_dir`, the initial parameters (head included) are saved there first, in PyTorch format.
+  With `init_dir`, the initial parameters (head included) are saved there first, in PyTorch format;
+  with `train=False` that is all it does (returns (None, None, data)).
   """
   import jax
   from flaxhf.train import engine
@@ -109,6 +113,9 @@ def run_flaxhf(cfg, init_dir=None):
     trainer = engine.Trainer(cfg, workdir, devices=jax.devices()[:1])
     if init_dir:
       trainer.model.save_pretrained(init_dir, params=trainer.state["params"])
+    if not train:
+      trainer.ckpt.close()
+      return None, None, trainer.data
     t0 = time.perf_counter()
     try:
       results = trainer.fit()
@@ -127,6 +134,28 @@ def to_torch(batch, keys, n=None):
   """The first n rows of the batch's `keys` as int64 tensors (the dtype transformers expects)."""
   import torch
   return {k: torch.from_numpy(np.asarray(batch[k][:n], np.int64)) for k in keys if k in batch}
+
+
+def torch_loss(cfg, model, batch):
+  """The loss flaxhf's task trains, on the PyTorch side.
+
+  transformers' model loss everywhere, except QA with `train.loss_includes_padding=False` (flaxhf's
+  default): there padded positions are left out of the start/end softmax, as flaxhf's
+  QuestionAnswering.loss does, so both sides train the same objective on their different padding.
+  """
+  import torch
+  if "start_positions" not in batch or cfg.train.get("loss_includes_padding", False):
+    return model(**batch).loss
+  labels = {k: batch.pop(k) for k in ("start_positions", "end_positions")}
+  out = model(**batch)
+  pad = batch["attention_mask"] == 0
+
+  def ce(logits, positions):
+    logits = logits.float().masked_fill(pad, -1e9)  # flaxhf's _MASKED
+    return torch.nn.functional.cross_entropy(logits, positions)
+
+  return (ce(out.start_logits, labels["start_positions"])
+          + ce(out.end_logits, labels["end_positions"])) / 2
 
 
 def run_torch(name, cfg, task, data, threads, init_dir=None):
@@ -162,7 +191,7 @@ def run_torch(name, cfg, task, data, threads, init_dir=None):
   model.train()
   t0 = time.perf_counter()
   for _ in range(t.steps):
-    loss = model(**to_torch(next(batches), inputs + labels)).loss
+    loss = torch_loss(cfg, model, to_torch(next(batches), inputs + labels))
     loss.backward()
     if t.max_grad_norm:
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -195,7 +224,10 @@ def run_task(name, args, seed):
   cfg = task_config(name, args, seed)
   row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
   data = None
-  init_dir = None if args.independent_init or args.only else tempfile.mkdtemp(prefix="init_")
+  init_dir = None if args.independent_init or args.only == "flaxhf" else tempfile.mkdtemp(
+      prefix="init_")
+  if args.only == "torch" and init_dir:  # flaxhf's initial weights, without its training run
+    _, _, data = run_flaxhf(cfg, init_dir, train=False)
   if args.only != "torch":
     results, row["flaxhf_s"], data = run_flaxhf(cfg, init_dir)
     row["flaxhf"] = main_metric(get_task(cfg), results)
