@@ -2,8 +2,9 @@
 
 Forward parity (test_model_parity) does not prove the backward pass: a parameter cut off from the
 loss, or a loss reduced differently, still gives the right logits. Here the same weights get the
-same gradients (every architecture x head), and the engine's jitted step, with its AdamW, warmup,
-decay mask and clipping, follows a PyTorch transformers loop step for step.
+same gradients (every architecture x head), dropout has PyTorch's distribution, and the engine's
+jitted step, with its AdamW, warmup, decay mask and clipping, follows a PyTorch transformers loop
+step for step.
 """
 
 import jax
@@ -193,3 +194,65 @@ def test_qa_task_loss_and_gradients_against_pytorch(includes_padding, tmp_path):
   cfg.train.loss_includes_padding = not includes_padding
   flipped, count = tasks_qa.QuestionAnswering(cfg).loss(model(**inputs), batch)
   assert abs(float(flipped / count) - float(value)) > 1e-3
+
+
+
+# The hidden-state dropouts (embeddings, block outputs, heads) and attention dropout each on their
+# own, so one cannot mask the other: the encoder's seen in the base model's last hidden states, the
+# heads' own in three heads' logits.
+DROPOUT_CASES = [(arch, task, site) for arch in TINY_CONFIGS
+                 for task, site in ((None, "hidden"), (None, "attention"),
+                                    ("sequence_classification", "hidden"),
+                                    ("token_classification", "hidden"),
+                                    ("question_answering", "hidden"))]
+DROPOUT_RATES = {  # site -> config kwargs; distilbert names its rates differently
+    "hidden": dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0),
+    "attention": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3),
+    "distilbert-hidden": dict(dropout=0.3, qa_dropout=0.3, seq_classif_dropout=0.3,
+                              attention_dropout=0.0),
+    "distilbert-attention": dict(dropout=0.0, qa_dropout=0.0, seq_classif_dropout=0.0,
+                                 attention_dropout=0.3),
+}
+
+
+def _dropout_outputs(task, out, stack):
+  """The outputs a head's dropout reaches, as one float array."""
+  if task is None:
+    x = out.last_hidden_state
+  elif task == "question_answering":
+    x = stack([out.start_logits, out.end_logits], -1)
+  else:
+    x = out.logits
+  return np.asarray(x.detach() if hasattr(x, "detach") else x)
+
+
+@pytest.mark.parametrize("arch,task,site", DROPOUT_CASES,
+                         ids=[f"{a}-{t}-{s}" for a, t, s in DROPOUT_CASES])
+def test_dropout_matches_pytorch_in_distribution(arch, task, site, tmp_path):
+  """Train-mode outputs over many dropout draws: the same mean and spread as PyTorch's.
+
+  The gradient tests run without dropout, so this is what shows dropout sits at transformers'
+  places with its rates: a missing or extra dropout moves the spread of the outputs by far more
+  than the sampling error of 4000 draws (~1% on the summed variance).
+  """
+  rates = DROPOUT_RATES.get(f"{arch}-{site}", DROPOUT_RATES[site])
+  # Weights 10x the usual init, so the residual branches (and their dropouts) weigh as much as the
+  # embeddings: at std 0.02 a missing dropout on a block's output hides in the sampling error.
+  pt = torch_model(arch, task, initializer_range=0.2, **rates)
+  pt.save_pretrained(tmp_path)
+  n = 4000  # copies of one input row: each copy gets its own dropout masks on both sides
+  inputs = {k: np.repeat(v[:1], n, axis=0) for k, v in make_inputs(arch, task).items()}
+  pt.train()
+  with torch.no_grad():
+    out = pt(**{k: torch.tensor(v) for k, v in inputs.items()})
+  want = _dropout_outputs(task, out, torch.stack)
+  model = (AUTO[task] if task else flaxhf.FlaxAutoModel).from_pretrained(str(tmp_path))
+  got = _dropout_outputs(task, model(**inputs, train=True, dropout_rng=jax.random.key(0)), jnp.stack)
+  # Dropout is on: the copies differ, and each side's mean is the other's within sampling error.
+  assert want.std(0).min() > 1e-3 and got.std(0).min() > 1e-3
+  error = np.sqrt((want.var(0) + got.var(0)) / n)
+  assert np.all(np.abs(got.mean(0) - want.mean(0)) < 5 * error)
+  # The spread: summed over outputs (sampling error ~1%), and loosely output by output.
+  print(f"variance ratio flaxhf / PyTorch: {got.var(0).sum() / want.var(0).sum():.4f}")
+  assert got.var(0).sum() / want.var(0).sum() == pytest.approx(1, abs=0.04)
+  np.testing.assert_allclose(got.std(0), want.std(0), rtol=0.1)
