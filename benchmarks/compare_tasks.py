@@ -19,7 +19,8 @@ too (`--set train.loss_includes_padding=True` gives both sides transformers' los
 the same weights: PyTorch loads flaxhf's initial parameters (the checkpoint plus the head flaxhf
 drew; with `--only torch` too), so what differs between the sides is only the dropout draws
 (`--independent_init` gives PyTorch its own head draw instead). `--dropout_off` removes those too:
-with every dropout rate 0, the QA fine-tune gave the same EM/F1 to the hundredth on both sides.
+with every dropout rate 0, the QA fine-tune gave the same EM/F1 to the hundredth on both sides
+(seeds 42 and 43).
 With several seeds (which change the head's initialisation, dropout and data order on both sides)
 the table ends with each side's mean and standard deviation: compare means, since one seed moves
 CODAH accuracy by a point or more.
