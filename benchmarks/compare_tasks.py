@@ -165,6 +165,7 @@ def torch_loss(cfg, model, batch):
   QuestionAnswering.loss does, so both sides train the same objective on their different padding.
   """
   import torch
+  from flaxhf.train.tasks_qa import _MASKED  # the value flaxhf's QA loss gives padded positions
   if "start_positions" not in batch or cfg.train.get("loss_includes_padding", False):
     return model(**batch).loss
   labels = {k: batch.pop(k) for k in ("start_positions", "end_positions")}
@@ -172,7 +173,7 @@ def torch_loss(cfg, model, batch):
   pad = batch["attention_mask"] == 0
 
   def ce(logits, positions):
-    logits = logits.float().masked_fill(pad, -1e9)  # flaxhf's _MASKED
+    logits = logits.float().masked_fill(pad, _MASKED)
     return torch.nn.functional.cross_entropy(logits, positions)
 
   return (ce(out.start_logits, labels["start_positions"])

@@ -196,7 +196,6 @@ def test_qa_task_loss_and_gradients_against_pytorch(includes_padding, tmp_path):
   assert abs(float(flipped / count) - float(value)) > 1e-3
 
 
-
 # The hidden-state dropouts (embeddings, block outputs, heads) and attention dropout each on their
 # own, so one cannot mask the other: the encoder's seen in the base model's last hidden states, the
 # heads' own in three heads' logits.
