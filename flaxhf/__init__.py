@@ -4,10 +4,14 @@ from flaxhf.models.albert import (
     FlaxAlbertForMaskedLM, FlaxAlbertForMultipleChoice, FlaxAlbertForQuestionAnswering,
     FlaxAlbertForSequenceClassification, FlaxAlbertForTokenClassification, FlaxAlbertModel,
     FlaxAlbertPreTrainedModel)
-from flaxhf.models.auto import (FlaxAutoModel, FlaxAutoModelForMaskedLM,
-                                FlaxAutoModelForMultipleChoice, FlaxAutoModelForQuestionAnswering,
-                                FlaxAutoModelForSequenceClassification,
-                                FlaxAutoModelForTokenClassification)
+from flaxhf.models.auto import (
+    FLAX_MODEL_FOR_CAUSAL_LM_MAPPING, FLAX_MODEL_FOR_MASKED_LM_MAPPING,
+    FLAX_MODEL_FOR_MULTIPLE_CHOICE_MAPPING, FLAX_MODEL_FOR_QUESTION_ANSWERING_MAPPING,
+    FLAX_MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    FLAX_MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, FLAX_MODEL_MAPPING, FlaxAutoModel,
+    FlaxAutoModelForCausalLM, FlaxAutoModelForMaskedLM, FlaxAutoModelForMultipleChoice,
+    FlaxAutoModelForQuestionAnswering, FlaxAutoModelForSequenceClassification,
+    FlaxAutoModelForTokenClassification)
 from flaxhf.models.base import FlaxPreTrainedModel
 from flaxhf.models.bert import (
     FlaxBertForMaskedLM, FlaxBertForMultipleChoice, FlaxBertForQuestionAnswering,
@@ -20,6 +24,9 @@ from flaxhf.models.distilbert import (
     FlaxDistilBertForMaskedLM, FlaxDistilBertForMultipleChoice, FlaxDistilBertForQuestionAnswering,
     FlaxDistilBertForSequenceClassification, FlaxDistilBertForTokenClassification,
     FlaxDistilBertModel, FlaxDistilBertPreTrainedModel)
+from flaxhf.models.gpt2 import (
+    FlaxGPT2ForQuestionAnswering, FlaxGPT2ForSequenceClassification, FlaxGPT2ForTokenClassification,
+    FlaxGPT2LMHeadModel, FlaxGPT2Model, FlaxGPT2PreTrainedModel)
 from flaxhf.pipelines import pipeline
 
 __version__ = "0.1.0"

@@ -25,6 +25,13 @@ TINY_CONFIGS = {
         **kw}),  # the defaults are overridable, for VARIANTS
 }
 
+# Decoders, kept apart: the encoder tests parametrize over TINY_CONFIGS x HEADS (multiple choice, MLM).
+DECODER_CONFIGS = {
+    "gpt2": lambda **kw: transformers.GPT2Config(**{**dict(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1), **kw}),
+}
+
 # Config switches that take other code paths: (architecture, TINY_CONFIGS overrides).
 VARIANTS = {
     "distilbert-sinusoidal-untied": ("distilbert", dict(sinusoidal_pos_embds=True,
@@ -42,6 +49,7 @@ HEADS = {
     "multiple_choice": "AutoModelForMultipleChoice",
     "masked_lm": "AutoModelForMaskedLM",
 }
+DECODER_HEADS = {"causal_lm": "AutoModelForCausalLM"}
 
 
 def torch_model(arch, task, seed=0, **config_kwargs):
@@ -49,8 +57,8 @@ def torch_model(arch, task, seed=0, **config_kwargs):
   import torch
   torch.manual_seed(seed)
   config_kwargs.setdefault("num_labels", 2 if task == "question_answering" else 3)
-  config = TINY_CONFIGS[arch](**config_kwargs)
-  model = getattr(transformers, HEADS[task]).from_config(config)
+  config = {**TINY_CONFIGS, **DECODER_CONFIGS}[arch](**config_kwargs)
+  model = getattr(transformers, {**HEADS, **DECODER_HEADS}[task]).from_config(config)
   model.eval()
   return model
 
@@ -62,10 +70,10 @@ def make_inputs(arch, task, batch=2, length=9, seed=0, choices=3):
   ids = rng.randint(3, VOCAB, size=shape)
   mask = np.ones(shape, np.int64)
   mask[..., -1, length - 3:] = 0  # last row (or choice) right-padded
-  pad = TINY_CONFIGS[arch]().pad_token_id
+  pad = {**TINY_CONFIGS, **DECODER_CONFIGS}[arch]().pad_token_id
   ids = np.where(mask == 1, ids, pad)
   inputs = {"input_ids": ids, "attention_mask": mask}
-  if arch not in ("distilbert",):
+  if arch in TINY_CONFIGS and arch != "distilbert":  # decoders take no token types
     tt = np.zeros(shape, np.int64)
     tt[..., length // 2:] = 1
     inputs["token_type_ids"] = tt * mask

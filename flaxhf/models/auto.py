@@ -1,5 +1,6 @@
 """Auto classes: pick the flaxhf class for a checkpoint from `config.model_type`."""
 
+import collections.abc
 import copy
 
 from flaxhf.models import io
@@ -22,8 +23,11 @@ class _AutoModel:
     return by_type[config.model_type]
 
   @classmethod
-  def from_config(cls, config, **kwargs):
-    """A randomly initialised model of the class matching `config`."""
+  def from_config(cls, config, trust_remote_code: bool = False, **kwargs):
+    """A randomly initialised model of the class matching `config` (v4: seed, dtype, _do_init, input_shape)."""
+    if trust_remote_code:
+      raise ValueError("trust_remote_code=True is not supported: flaxhf runs only its own model code. "
+                       "Drop the argument; flaxhf.FlaxAutoModel... lists the model types it implements.")
     return cls.model_class_for(config)(config, **kwargs)
 
   @classmethod
@@ -65,3 +69,43 @@ class FlaxAutoModelForMultipleChoice(_AutoModel):
 
 class FlaxAutoModelForMaskedLM(_AutoModel):
   task = "masked_lm"
+
+
+class FlaxAutoModelForCausalLM(_AutoModel):
+  task = "causal_lm"
+
+
+class _TaskMapping(collections.abc.Mapping):
+  """transformers v4's FLAX_MODEL_*_MAPPING: config class -> flaxhf class, read live from REGISTRY."""
+
+  def __init__(self, task):
+    self.task = task
+
+  def _table(self):
+    return {cls.config_class: cls for cls in REGISTRY.get(self.task, {}).values()}
+
+  def __getitem__(self, config_class):
+    table = self._table()
+    if config_class not in table:
+      raise KeyError(f"flaxhf has no {self.task or 'base'} model for {config_class!r}; it has "
+                     f"{sorted(c.__name__ for c in table)}.")
+    return table[config_class]
+
+  def __iter__(self):
+    return iter(self._table())
+
+  def __len__(self):
+    return len(self._table())
+
+  def __repr__(self):
+    return f"_TaskMapping({self.task!r}, {self._table()!r})"
+
+
+FLAX_MODEL_MAPPING = _TaskMapping(None)
+FLAX_MODEL_FOR_MASKED_LM_MAPPING = _TaskMapping("masked_lm")
+FLAX_MODEL_FOR_CAUSAL_LM_MAPPING = _TaskMapping("causal_lm")
+FLAX_MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING = _TaskMapping("seq2seq_lm")
+FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING = _TaskMapping("sequence_classification")
+FLAX_MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING = _TaskMapping("token_classification")
+FLAX_MODEL_FOR_QUESTION_ANSWERING_MAPPING = _TaskMapping("question_answering")
+FLAX_MODEL_FOR_MULTIPLE_CHOICE_MAPPING = _TaskMapping("multiple_choice")

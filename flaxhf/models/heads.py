@@ -49,6 +49,9 @@ class Head(nn.Module):
   def qa_dropout(self) -> float:
     return 0.0  # most families feed qa_outputs the hidden states as they are
 
+  def qa_num_outputs(self) -> int:
+    return self.config.num_labels  # start and end; GPT-2 fixes it at 2 whatever num_labels says
+
   def sequence_features(self, out, deterministic):
     """What the sequence and choice classifiers read: pooler_output after dropout."""
     return nn.Dropout(self.classifier_dropout())(out.pooler_output, deterministic=deterministic)
@@ -65,13 +68,15 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-               deterministic=True, output_attentions=False, output_hidden_states=False):
+               deterministic=True, output_attentions=False, output_hidden_states=False,
+               **encoder_kwargs):
     shape = input_ids.shape
-    # Multiple choice encodes [batch, choices, length] as [batch * choices, length]; a no-op otherwise.
-    flat = [None if a is None else a.reshape(-1, shape[-1])
-            for a in (input_ids, attention_mask, token_type_ids, position_ids)]
+    inputs = (input_ids, attention_mask, token_type_ids, position_ids)
+    if len(shape) == 3:  # multiple choice encodes [batch, choices, length] as [batch * choices, length]
+      inputs = [None if a is None else a.reshape(-1, shape[-1]) for a in inputs]
     encoder = self.encoder()
-    out = encoder(*flat, deterministic, output_attentions, output_hidden_states)
+    # encoder_kwargs: what only one family's encoder takes (GPT-2's init_cache).
+    out = encoder(*inputs, deterministic, output_attentions, output_hidden_states, **encoder_kwargs)
     fields = self.predict(encoder, out, deterministic, shape)
     return self.output_class(**{k: v.astype(jnp.float32) for k, v in fields.items()},
                              hidden_states=out.hidden_states, attentions=out.attentions)
@@ -102,7 +107,7 @@ class QuestionAnswering(Head):
 
   def predict(self, encoder, out, deterministic, shape):
     x = nn.Dropout(self.qa_dropout())(out.last_hidden_state, deterministic=deterministic)
-    logits = self.linear(self.config.num_labels, "qa_outputs")(x)
+    logits = self.linear(self.qa_num_outputs(), "qa_outputs")(x)
     return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 
 

@@ -81,6 +81,25 @@ class Linear(nn.Module):
     return y
 
 
+class Conv1D(nn.Module):
+  """transformers' GPT-2 `Conv1D`: y = x W + b with W stored as [in, out] (a transposed Linear)."""
+
+  features: int
+  axes: tuple  # logical names of (in, out)
+  std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w_IxO = self.param(
+        "weight", nn.with_logical_partitioning(normal_init(self.std), self.axes),
+        (x.shape[-1], self.features), jnp.float32)
+    b_O = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                     (self.features,), jnp.float32)
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), w_IxO.astype(self.dtype)) + b_O.astype(
+        self.dtype)
+
+
 class LayerNorm(nn.Module):
   """`torch.nn.LayerNorm` (`weight`, `bias`); statistics in float32 whatever the compute dtype."""
 
@@ -135,16 +154,23 @@ class Embedding(nn.Module):
     return jnp.einsum("...d,vd->...v", x, self.weight.astype(self.dtype))
 
 
-def attention_bias(attention_mask_BxL, dtype):
-  """Additive bias [B, 1, 1, L]: 0 where attended, the dtype's minimum where masked (as transformers)."""
-  mask = attention_mask_BxL[:, None, None, :].astype(bool)
+def attention_bias(attention_mask, dtype):
+  """Additive bias: 0 where attended, the dtype's minimum where masked (as transformers).
+
+  A padding mask [B, S] gives [B, 1, 1, S]; a per-query mask [B, L, S] (decoders) gives [B, 1, L, S].
+  """
+  mask = attention_mask.astype(bool)
+  mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
   return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
 def dot_product_attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, bias, *, dropout_rate: float,
-                          deterministic: bool, module: nn.Module, dtype):
-  """Scaled dot-product attention; softmax in float32; returns (context [B,L,H,D], probs [B,H,L,S])."""
-  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
+                          deterministic: bool, module: nn.Module, dtype, scale: Optional[float] = None):
+  """Scaled dot-product attention; softmax in float32; returns (context [B,L,H,D], probs [B,H,L,S]).
+
+  `scale` defaults to 1/sqrt(head_dim); GPT-2's config can turn it off or divide it by the layer index.
+  """
+  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1]) if scale is None else scale
   logits_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxHxD).astype(jnp.float32) * scale
   if bias is not None:
     logits_BxHxLxS = logits_BxHxLxS + bias.astype(jnp.float32)

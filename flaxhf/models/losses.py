@@ -55,12 +55,19 @@ def lm_loss(logits_BxLxV, labels_BxL):
   return masked_cross_entropy(logits_BxLxV.reshape(-1, logits_BxLxV.shape[-1]), labels_BxL.reshape(-1))
 
 
+def causal_lm_loss(logits_BxLxV, labels_BxL):
+  """transformers' causal-LM loss: position t predicts label t+1 (labels are the inputs, unshifted)."""
+  return lm_loss(logits_BxLxV[:, :-1], labels_BxL[:, 1:])
+
+
 def compute_loss(task: str, outputs, labels, config):
   """Dispatches on the head's task; `labels` is an array, or (start, end) positions for QA."""
   if task == "sequence_classification":
     return sequence_classification_loss(outputs.logits, labels, getattr(config, "problem_type", None))
   if task in ("token_classification", "masked_lm"):
     return lm_loss(outputs.logits, labels)
+  if task == "causal_lm":
+    return causal_lm_loss(outputs.logits, labels)
   if task == "multiple_choice":
     return masked_cross_entropy(outputs.logits, labels.reshape(-1))
   if task == "question_answering":

@@ -47,6 +47,27 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 
 @flax.struct.dataclass
+class BaseModelOutputWithPast(ModelOutput):
+  """A decoder's output; `past_key_values` is the updated cache when one was passed in."""
+
+  last_hidden_state: Array = None
+  past_key_values: Optional[Any] = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class CausalLMOutput(ModelOutput):
+  """A causal LM's output; `past_key_values` is the updated cache when one was passed in."""
+
+  loss: Optional[Array] = None
+  logits: Array = None
+  past_key_values: Optional[Any] = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
 class SequenceClassifierOutput(ModelOutput):
   loss: Optional[Array] = None
   logits: Array = None
