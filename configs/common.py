@@ -28,6 +28,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.model.tokenizer = placeholder(str)         # defaults to name_or_path
   c.model.dtype = "float32"                    # compute dtype; params stay float32
   c.model.from_scratch = False                 # random init from the checkpoint's config
+  # From scratch without a checkpoint: a config (folder, config.json file, or a model type such as
+  # "gpt2" for transformers' defaults) plus model.tokenizer; overrides as "n_embd=128,n_layer=4".
+  c.model.config_name = placeholder(str)
+  c.model.config_overrides = placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = placeholder(str)            # hub dataset name, e.g. "nyu-mll/glue"

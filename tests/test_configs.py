@@ -1,6 +1,7 @@
 """Every config file loads with each documented arg string; mistyped keys fail loudly."""
 
 import importlib
+import os
 
 import pytest
 
@@ -16,10 +17,13 @@ ARGS = {
     "mlm": ["", "smoke", "local", "local,smoke", "wwm", "line_by_line,local", "scratch,smoke",
             "local,wwm", "wwm,model=bert-base-cased",
             "local,steps=10"],
+    "clm": ["", "smoke", "local", "local,smoke", "tinyshakespeare,local", "local,per_document",
+            "tinyshakespeare,local,per_document,smoke", "scratch,smoke", "model=bert-base-cased",
+            "local,model=bert-base-cased", "local,steps=10"],
 }
 
 # Config files named after HF's example scripts rather than their task.
-CONFIG_TASKS = {"qa": "question_answering", "mlm": "masked_lm"}
+CONFIG_TASKS = {"qa": "question_answering", "mlm": "masked_lm", "clm": "causal_lm"}
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
@@ -31,7 +35,12 @@ def test_config_loads(name, arg):
     assert cfg.train.steps <= 10
   if "local" in arg:
     assert cfg.data.train_file and cfg.data.dataset is None
-    assert cfg.model.name_or_path.endswith("model")
+    if name == "clm" and "model=" not in arg:  # from scratch: a config and a tokenizer folder
+      assert cfg.model.name_or_path is None and cfg.model.from_scratch
+      assert cfg.model.config_name == "gpt2" and "n_layer=" in cfg.model.config_overrides
+      assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
+    elif name != "clm":
+      assert cfg.model.name_or_path.endswith("model")
   if "model=" in arg:
     assert cfg.model.name_or_path == "bert-base-cased"
   if "steps=10" in arg:

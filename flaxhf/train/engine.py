@@ -46,8 +46,34 @@ def module_inputs(model, batch):
   tt = batch.get("token_type_ids") if model.uses_token_type_ids else None
   if model.uses_token_type_ids and tt is None:
     tt = jnp.zeros_like(ids)
+  # A task may build its own positions and a [B, L, L] mask on device (causal LM, per document).
   return dict(input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=tt,
-              position_ids=None)
+              position_ids=batch.get("position_ids"))
+
+
+def load_model_config(model_cfg, model_dir: Optional[str]):
+  """The transformers config: model.config_name (a folder, a config.json file or a model type) or
+  the checkpoint's, then model.config_overrides ("n_embd=128,n_layer=4", as run_clm.py's)."""
+  from transformers import AutoConfig, CONFIG_MAPPING
+  name = model_cfg.get("config_name")
+  if name and not os.path.exists(name) and name in CONFIG_MAPPING:
+    config = AutoConfig.for_model(name)  # transformers' defaults for the type: no download
+  elif name:
+    config = AutoConfig.from_pretrained(name if os.path.exists(name) else io.resolve_model_dir(name))
+  elif model_dir:
+    config = AutoConfig.from_pretrained(model_dir)
+  else:
+    raise ValueError("No model config: set model.name_or_path (a checkpoint) or model.config_name "
+                     "(a folder, config.json or a model type such as 'gpt2') with "
+                     "model.from_scratch=True.")
+  overrides = model_cfg.get("config_overrides")
+  if overrides:
+    try:
+      config.update_from_string(overrides)
+    except ValueError as e:
+      raise ValueError(f"model.config_overrides={overrides!r}: {e}. Give comma-separated key=value "
+                       f"pairs of {type(config).__name__} keys, e.g. 'n_embd=128,n_layer=4'.") from e
+  return config
 
 
 def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_shardings):
@@ -159,14 +185,17 @@ class Trainer:
     self._check_batch_sizes()
     self.buckets = batching.check_buckets(cfg.data.buckets)
 
-    from transformers import AutoConfig, AutoTokenizer
-    model_dir = io.resolve_model_dir(cfg.model.name_or_path)
+    from transformers import AutoTokenizer
+    model_dir = io.resolve_model_dir(cfg.model.name_or_path) if cfg.model.name_or_path else None
+    if model_dir is None and not (cfg.model.from_scratch and cfg.model.tokenizer):
+      raise ValueError("model.name_or_path is unset: name a checkpoint, or train from scratch with "
+                       "model.from_scratch=True, model.config_name and model.tokenizer.")
     tok_dir = io.resolve_model_dir(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
     self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     self.data = self.task.prepare(self.tokenizer)
     if self.data.train is None or len(self.data.train) == 0:
       raise ValueError("The training split is empty: check data.train_file / data.dataset.")
-    model_config = AutoConfig.from_pretrained(model_dir)
+    model_config = load_model_config(cfg.model, model_dir)
     self.task.configure_model(model_config, self.data)
 
     self.steps_per_epoch = batching.steps_per_epoch(len(self.data.train), cfg.train.batch_size)
@@ -310,7 +339,7 @@ class Trainer:
       logger.count_tokens(int(local["attention_mask"].sum()) * jax.process_count())
       self.state, metrics = self._train_step(self.state, self._device_batch(local))
       window.append(metrics)
-      logger.step_done(step)
+      logger.step_done(step, metrics)  # the bar advances when these are ready, not at dispatch
       if step % cfg.train.log_every == 0 or step == total:
         host = jax.device_get(window)
         logger.train(step, {"loss": float(np.mean([m["loss"] for m in host])),
@@ -323,6 +352,10 @@ class Trainer:
       if eval_metrics:
         logger.write("eval", step, eval_metrics)
         last_metrics = eval_metrics
+        # Every process generates (the params are sharded); only process 0's logger writes.
+        samples = self.task.samples(self.model, self.state["params"], self.data)
+        if samples:
+          logger.write("samples", step, {"samples": samples})
       if step == total or step % cfg.checkpoint.every_steps == 0 or eval_metrics:
         self.ckpt.save(step, self.state, meta=self._meta(step), metrics=eval_metrics or None,
                        force=True)

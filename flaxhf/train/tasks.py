@@ -45,6 +45,10 @@ class Task:
     """Eval metrics from a list of per-example prediction pytrees, in example order."""
     raise NotImplementedError
 
+  def samples(self, model, params, task_data) -> list:
+    """Examples to log at each eval during training (e.g. generated text); none by default."""
+    return []
+
   def save_outputs(self, output_dir: str):
     """Writes files of the latest metrics() call (e.g. QA predictions.json); nothing by default."""
 
@@ -118,7 +122,8 @@ TASKS = {"text_classification": TextClassification,
          "token_classification": "flaxhf.train.tasks_token.TokenClassification",
          "multiple_choice": "flaxhf.train.tasks_mc.MultipleChoice",
          "question_answering": "flaxhf.train.tasks_qa.QuestionAnswering",
-         "masked_lm": "flaxhf.train.tasks_mlm.MaskedLM"}
+         "masked_lm": "flaxhf.train.tasks_mlm.MaskedLM",
+         "causal_lm": "flaxhf.train.tasks_clm.CausalLM"}
 
 
 def get_task(cfg) -> Task:
