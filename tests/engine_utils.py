@@ -74,13 +74,14 @@ def read_jsonl(path, kind="train"):
 
 
 @contextlib.contextmanager
-def count_compiles():
-  """A list that gains one entry per XLA compile inside the block (jax's public monitoring events)."""
+def count_compiles(fun_name=None):
+  """A list that gains one entry per XLA compile inside the block (jax's public monitoring events),
+  only of functions whose name contains `fun_name` when given."""
   import jax
   compiles = []
 
   def listener(event, duration, **kwargs):
-    if event == BACKEND_COMPILE:
+    if event == BACKEND_COMPILE and (fun_name is None or fun_name in kwargs.get("fun_name", "")):
       compiles.append(duration)
 
   jax.monitoring.register_event_duration_secs_listener(listener)

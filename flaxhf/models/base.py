@@ -209,6 +209,8 @@ class FlaxPreTrainedModel:
     params = model._params_from_state_dict(state, seed=seed, mesh=mesh, rules=rules,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
                                            source=model_dir)
+    if hasattr(model, "load_generation_config"):
+      model.load_generation_config(model_dir)
     if not _do_init:
       return model, params
     model._params = params
@@ -300,15 +302,21 @@ class FlaxPreTrainedModel:
     os.makedirs(save_directory, exist_ok=True)
     io.save_safetensors(state, save_directory)
     self.export_config().save_pretrained(save_directory)
+    if hasattr(self, "can_generate"):
+      self.generation_config.save_pretrained(save_directory)
 
 
 # task -> model_type -> class; filled as each family module declares its classes.
 REGISTRY: Dict[Optional[str], Dict[str, type]] = {}
 
 
-def model_class(name: str, family_base: type, module_class, task: Optional[str]) -> type:
-  """Declares a public model class (e.g. FlaxBertForMaskedLM) and registers it for the auto classes."""
-  cls = type(name, (family_base,), dict(
+def model_class(name: str, family_base: type, module_class, task: Optional[str],
+                mixins: tuple = ()) -> type:
+  """Declares a public model class (e.g. FlaxBertForMaskedLM) and registers it for the auto classes.
+
+  `mixins` add capabilities to this head only (flaxhf.generation.GenerationMixin for LM heads).
+  """
+  cls = type(name, (family_base, *mixins), dict(
       module_class=module_class, task=task, torch_architecture=name[len("Flax"):],
       __doc__=f"Flax {name[len('Flax'):]}: loads and exports transformers' PyTorch checkpoints.",
       __module__=family_base.__module__))

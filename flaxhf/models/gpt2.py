@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from transformers import GPT2Config
 
+from flaxhf.generation import GenerationMixin
 from flaxhf.models import heads, losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
@@ -309,12 +310,12 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
     return outputs.to_tuple() if return_dict is False else outputs
 
 
-def _declare(suffix, module, task):
-  return model_class(f"FlaxGPT2{suffix}", FlaxGPT2PreTrainedModel, module, task)
+def _declare(suffix, module, task, mixins=()):
+  return model_class(f"FlaxGPT2{suffix}", FlaxGPT2PreTrainedModel, module, task, mixins)
 
 
 FlaxGPT2Model = _declare("Model", GPT2Module, None)
-FlaxGPT2LMHeadModel = _declare("LMHeadModel", GPT2LMHeadModule, "causal_lm")
+FlaxGPT2LMHeadModel = _declare("LMHeadModel", GPT2LMHeadModule, "causal_lm", (GenerationMixin,))
 FlaxGPT2ForSequenceClassification = _declare(
     "ForSequenceClassification", GPT2ForSequenceClassificationModule, "sequence_classification")
 FlaxGPT2ForTokenClassification = _declare(

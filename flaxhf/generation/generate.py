@@ -1,0 +1,253 @@
+"""`model.generate`: one jit-compiled decode loop for every generative family.
+
+A family supplies only what differs, as two methods (decoder-only defaults below):
+  `_generation_prefill(params, ids_NxP, mask_NxP, cache_len, inputs) -> (logits_NxV, state)` runs
+  the prompt (and an encoder, once) into a static cache of `cache_len` slots;
+  `_generation_step(params, tokens_N, state) -> (logits_NxV, state)` feeds one token per row.
+The loop (flaxhf.generation.search) never leaves the compiled program. A program is compiled per
+(batch, prompt bucket, new tokens, beams, strategy, processors on); values that change per call
+(temperature, top-k/p, penalties, lengths, special ids) are traced arrays, so they do not recompile.
+"""
+
+import copy
+import logging
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxhf.generation import config as gconfig
+from flaxhf.generation import processors, search
+from flaxhf.models.outputs import ModelOutput
+
+log = logging.getLogger("flaxhf")
+
+# Prompts are left-padded (masked) to one of these lengths, so nearby lengths share a program.
+PROMPT_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+@flax.struct.dataclass
+class GenerateOutput(ModelOutput):
+  """v4's Flax generate outputs: `sequences` always; the rest with return_dict_in_generate."""
+
+  sequences: Any = None
+  scores: Optional[tuple] = None
+  sequences_scores: Optional[Any] = None
+  beam_indices: Optional[Any] = None
+
+
+def prompt_bucket(length: int, limit: Optional[int]) -> int:
+  """The padded prompt length used for compiling: the smallest bucket that fits, within `limit`."""
+  for b in PROMPT_BUCKETS:
+    if b >= length:
+      return b if limit is None or b <= limit else length
+  return length
+
+
+class GenerationMixin:
+  """Adds `generate` (greedy, sampling, beam search) and `generation_config` to a model class."""
+
+  is_encoder_decoder = False
+  _generation_config = None
+
+  def can_generate(self) -> bool:
+    return True
+
+  @property
+  def generation_config(self):
+    """Default settings of `generate`: generation_config.json when loaded with one, else the
+    model config's special tokens; written by save_pretrained."""
+    if self._generation_config is None:
+      self._generation_config = gconfig.model_generation_config(self.config)
+    return self._generation_config
+
+  @generation_config.setter
+  def generation_config(self, value):
+    self._generation_config = value
+
+  def load_generation_config(self, model_dir: str):
+    import os
+    from transformers import GenerationConfig
+    if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+      self._generation_config = GenerationConfig.from_pretrained(model_dir)
+
+  def _max_positions(self) -> Optional[int]:
+    return getattr(self.config, "max_position_embeddings", None)
+
+  # ---- what a decoder-only family supplies (v4 cache convention) ---------------------------------
+  def _generation_prefill(self, params, ids_NxP, mask_NxP, cache_len, inputs):
+    n, p = ids_NxP.shape
+    cache = self.init_cache(n, cache_len)
+    mask_NxS = jnp.ones((n, cache_len), jnp.int32).at[:, :p].set(mask_NxP)
+    # Positions count real tokens (transformers' prepare_inputs_for_generation), so left padding
+    # does not shift them.
+    pos_NxP = jnp.where(mask_NxP > 0, jnp.cumsum(mask_NxP, axis=-1) - 1, 1)
+    out = self(ids_NxP, attention_mask=mask_NxS, position_ids=pos_NxP, params=params,
+               past_key_values=cache)
+    state = {"cache": out.past_key_values, "mask": mask_NxS, "position": pos_NxP[:, -1] + 1}
+    return out.logits[:, -1], state
+
+  def _generation_step(self, params, tokens_N, state):
+    out = self(tokens_N[:, None], attention_mask=state["mask"],
+               position_ids=state["position"][:, None], params=params,
+               past_key_values=state["cache"])
+    return out.logits[:, -1], {**state, "cache": out.past_key_values,
+                               "position": state["position"] + 1}
+
+  # ---- generate ----------------------------------------------------------------------------------
+  def generate(self, input_ids, attention_mask=None, generation_config=None, prng_key=None,
+               trace: bool = True, params=None, logits_processor=None, **kwargs):
+    """Generates token ids as transformers' `generate` does; returns an output with `.sequences`."""
+    if logits_processor is not None:
+      raise ValueError("logits_processor= is not supported: flaxhf's processors are compiled into "
+                       "the decode loop; use the GenerationConfig settings instead.")
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}.")
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self._generation_input_names()}
+    config, default_max_length = gconfig.resolve(self, generation_config, kwargs)
+    gconfig.check_strategy(config)
+    batch, prompt_len = input_ids.shape
+    eos = list(config.eos_token_id or [])
+    pad_id = config.pad_token_id
+    if pad_id is None and eos:
+      if batch > 1 and attention_mask is None:
+        log.warning("Batched prompts with no pad token and no attention_mask: using eos_token_id=%d "
+                    "as the pad token, as transformers does. Pass attention_mask (and pad_token_id) "
+                    "for reliable results.", eos[0])
+      pad_id = eos[0]
+    if attention_mask is None:
+      # transformers' rule: the pad token marks padding unless it is also the EOS token.
+      if pad_id is not None and pad_id not in eos and (input_ids == pad_id).any():
+        attention_mask = (input_ids != pad_id).astype(np.int32)
+      else:
+        attention_mask = np.ones_like(input_ids)
+    attention_mask = np.asarray(attention_mask, np.int32)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask has shape {attention_mask.shape} but input_ids has "
+                       f"{input_ids.shape}; they must match.")
+    if not self.is_encoder_decoder and batch > 1 and (attention_mask[:, -1] == 0).any():
+      log.warning("Right padding in a decoder-only prompt: pad on the left "
+                  "(tokenizer.padding_side='left') for correct generation.")
+    config = gconfig.resolve_lengths(config, default_max_length, prompt_len,
+                                     None if self.is_encoder_decoder else self._max_positions())
+    num_beams = config.num_beams or 1
+    n_return = config.num_return_sequences or 1
+    expand = max(num_beams, n_return)
+    fill = (pad_id or (eos[0] if eos else None)) if eos else -1
+    fill = -1 if fill is None else fill
+    ids = np.repeat(input_ids.astype(np.int32), expand, axis=0)
+    mask = np.repeat(attention_mask, expand, axis=0)
+    runner = _Runner(self, config, prompt_len, num_beams, n_return, mask)
+    # Host-side layout: the model's prompt left-padded (masked) to the bucket; the output buffer
+    # holds the prompt as given, then the new tokens.
+    pad_cols = runner.bucket - prompt_len
+    ids_in = np.pad(ids, ((0, 0), (pad_cols, 0)))
+    mask_in = np.pad(mask, ((0, 0), (pad_cols, 0)))
+    sequences = np.full((ids.shape[0], runner.bucket + runner.max_new),
+                        fill if num_beams > 1 else (pad_id if pad_id is not None else 0), np.int32)
+    sequences[:, :prompt_len] = ids
+    extra = {k: np.repeat(np.asarray(v), expand, axis=0) for k, v in extra.items()}
+    rng = prng_key if prng_key is not None else jax.random.key(0)
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jnp.unsignedinteger):
+      rng = jax.random.wrap_key_data(rng)  # a v4-style raw PRNGKey
+    traced = dict(
+        processors=runner.values, prompt_len=jnp.int32(prompt_len),
+        max_length=jnp.int32(config.max_length), pad_id=jnp.int32(pad_id if pad_id is not None else 0),
+        eos=jnp.asarray(eos, jnp.int32).reshape(-1),
+        length_penalty=jnp.float32(config.length_penalty if config.length_penalty is not None else 1.0))
+    run = runner.program(trace)
+    out = run(self.params if params is None else params, ids_in, mask_in, sequences, extra, traced,
+              rng)
+    return runner.finish(out, config)
+
+  def _generation_input_names(self):
+    """Model inputs generate passes through besides input_ids and attention_mask."""
+    return ()
+
+
+class _Runner:
+  """The static shape of one generate call, its compiled program, and its host-side finishing."""
+
+  def __init__(self, model, config, prompt_len, num_beams, n_return, mask_NxP):
+    self.model, self.num_beams, self.n_return = model, num_beams, n_return
+    self.prompt_len = prompt_len
+    self.max_new = int(config.max_length) - prompt_len
+    self.do_sample = bool(config.do_sample)
+    self.output_scores = bool(config.return_dict_in_generate and config.output_scores)
+    self.return_dict = bool(config.return_dict_in_generate)
+    self.early_stopping = config.early_stopping if config.early_stopping is not None else False
+    limit = None
+    if not model.is_encoder_decoder and model._max_positions() is not None:
+      limit = model._max_positions() - self.max_new
+    self.bucket = prompt_bucket(prompt_len, limit)
+    self.spec, self.values = processors.build(
+        config, prompt_len=prompt_len, vocab_size=model.config.vocab_size,
+        do_sample=self.do_sample, num_beams=num_beams, attention_mask=mask_NxP,
+        is_encoder_decoder=model.is_encoder_decoder)
+
+  def program(self, trace: bool):
+    """The jitted decode program for this call's static shape, compiled once per shape."""
+    if not trace:
+      return lambda *args: _untraced(self.decode_program, args)
+    key = (self.bucket, self.max_new, self.num_beams, self.n_return, self.do_sample,
+           self.early_stopping, self.output_scores, self.spec)
+    programs = self.model.__dict__.setdefault("_generate_programs", {})
+    if key not in programs:
+      programs[key] = jax.jit(self.decode_program)
+    return programs[key]
+
+  def decode_program(self, params, ids_NxP, mask_NxP, sequences_NxS, extra, traced, rng):
+    model = self.model
+    cache_len = ids_NxP.shape[1] + self.max_new
+    logits, state = model._generation_prefill(params, ids_NxP, mask_NxP, cache_len, extra)
+    lengths = search.Lengths(traced["prompt_len"], traced["max_length"])
+    values = traced["processors"]
+
+    def process(logits_NxV, seqs, cur_len):
+      return processors.apply(self.spec, values, logits_NxV, seqs, cur_len)
+
+    step = model._generation_step
+    if self.num_beams == 1:
+      seqs, cur_len, scores = search.decode(
+          step, params, logits, state, sequences_NxS, lengths, process, do_sample=self.do_sample,
+          rng=rng, pad_id=traced["pad_id"], eos_ids=traced["eos"], max_new_tokens=self.max_new,
+          output_scores=self.output_scores)
+      return {"sequences": seqs, "cur_len": cur_len, "scores": scores}
+    seqs, seq_scores, beam_indices, cur_len, scores = search.beam_search(
+        step, params, logits, state, sequences_NxS, lengths, process, num_beams=self.num_beams,
+        length_penalty=traced["length_penalty"], early_stopping=self.early_stopping,
+        eos_ids=traced["eos"], max_new_tokens=self.max_new, output_scores=self.output_scores,
+        do_sample=self.do_sample, rng=rng)
+    k = self.n_return
+    flat = lambda x: x[:, :k].reshape((-1,) + x.shape[2:])  # noqa: E731
+    return {"sequences": flat(seqs), "sequences_scores": flat(seq_scores),
+            "beam_indices": flat(beam_indices), "cur_len": cur_len, "scores": scores}
+
+  def finish(self, out, config) -> GenerateOutput:
+    """Crops the static buffers to what was generated, as transformers returns them."""
+    out = jax.device_get(out)
+    steps = int(out["cur_len"]) - self.prompt_len
+    if self.num_beams == 1:
+      sequences = out["sequences"][:, :self.prompt_len + steps]
+      result = dict(sequences=jnp.asarray(sequences))
+      if self.output_scores:
+        result["scores"] = tuple(jnp.asarray(s) for s in out["scores"][:steps])
+      return GenerateOutput(**result)
+    beam_indices = out["beam_indices"]
+    generated = int(((beam_indices + 1) != 0).sum(axis=1).max())
+    result = dict(sequences=jnp.asarray(out["sequences"][:, :self.prompt_len + generated]))
+    if self.return_dict:
+      result["beam_indices"] = jnp.asarray(beam_indices[:, :generated])
+      if self.output_scores:
+        result["sequences_scores"] = jnp.asarray(out["sequences_scores"])
+        result["scores"] = tuple(jnp.asarray(s) for s in out["scores"][:steps])
+    return GenerateOutput(**result)
+
+
+def _untraced(program, args):
+  """Runs the decode loop eagerly (v4's trace=False): slow, for debugging."""
+  with jax.disable_jit():
+    return program(*args)
