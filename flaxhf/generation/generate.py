@@ -2,8 +2,13 @@
 
 A family supplies only what differs, as two methods (decoder-only defaults below):
   `_generation_prefill(params, ids_NxP, mask_NxP, cache_len, inputs) -> (logits_NxV, state)` runs
-  the prompt (and an encoder, once) into a static cache of `cache_len` slots;
+  the prompt into a static cache of `cache_len` slots. Decoder-only prompts arrive left-padded
+  (mask 0) to a length bucket. An encoder-decoder (`is_encoder_decoder = True`) gets its decoder
+  prompt unpadded (the start token) and `inputs` = {"input_ids", "attention_mask"} of the encoder,
+  right-padded (mask 0) to a bucket: it runs the encoder once and computes the cross-attention
+  keys and values once, into `state`.
   `_generation_step(params, tokens_N, state) -> (logits_NxV, state)` feeds one token per row.
+  Beam search reorders `state` by gathering axis 0 of every array with ndim > 0.
 The loop (flaxhf.generation.search) never leaves the compiled program. A program is compiled per
 (batch, prompt bucket, new tokens, beams, strategy, processors on); values that change per call
 (temperature, top-k/p, penalties, lengths, special ids) are traced arrays, so they do not recompile.
@@ -98,49 +103,51 @@ class GenerationMixin:
 
   # ---- generate ----------------------------------------------------------------------------------
   def generate(self, input_ids, attention_mask=None, generation_config=None, prng_key=None,
-               trace: bool = True, params=None, logits_processor=None, **kwargs):
-    """Generates token ids as transformers' `generate` does; returns an output with `.sequences`."""
+               trace: bool = True, params=None, logits_processor=None, decoder_input_ids=None,
+               **kwargs):
+    """Generates token ids as transformers' `generate` does; returns an output with `.sequences`.
+
+    Decoder-only models continue `input_ids` (left-padded); encoder-decoders encode `input_ids`
+    once and decode from `decoder_input_ids` (default: the decoder start token).
+    """
     if logits_processor is not None:
       raise ValueError("logits_processor= is not supported: flaxhf's processors are compiled into "
                        "the decode loop; use the GenerationConfig settings instead.")
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}.")
-    extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self._generation_input_names()}
     config, default_max_length = gconfig.resolve(self, generation_config, kwargs)
     gconfig.check_strategy(config)
-    batch, prompt_len = input_ids.shape
     eos = list(config.eos_token_id or [])
     pad_id = config.pad_token_id
     if pad_id is None and eos:
-      if batch > 1 and attention_mask is None:
+      if input_ids.shape[0] > 1 and attention_mask is None:
         log.warning("Batched prompts with no pad token and no attention_mask: using eos_token_id=%d "
                     "as the pad token, as transformers does. Pass attention_mask (and pad_token_id) "
                     "for reliable results.", eos[0])
       pad_id = eos[0]
-    if attention_mask is None:
-      # transformers' rule: the pad token marks padding unless it is also the EOS token.
-      if pad_id is not None and pad_id not in eos and (input_ids == pad_id).any():
-        attention_mask = (input_ids != pad_id).astype(np.int32)
-      else:
-        attention_mask = np.ones_like(input_ids)
-    attention_mask = np.asarray(attention_mask, np.int32)
-    if attention_mask.shape != input_ids.shape:
-      raise ValueError(f"attention_mask has shape {attention_mask.shape} but input_ids has "
-                       f"{input_ids.shape}; they must match.")
-    if not self.is_encoder_decoder and batch > 1 and (attention_mask[:, -1] == 0).any():
-      log.warning("Right padding in a decoder-only prompt: pad on the left "
-                  "(tokenizer.padding_side='left') for correct generation.")
-    config = gconfig.resolve_lengths(config, default_max_length, prompt_len,
-                                     None if self.is_encoder_decoder else self._max_positions())
+    attention_mask = _input_mask(input_ids, attention_mask, pad_id, eos)
+    if self.is_encoder_decoder:
+      prompt, extra = self._decoder_prompt(config, input_ids, attention_mask, decoder_input_ids)
+      positions = self._max_positions()
+    else:
+      if decoder_input_ids is not None:
+        raise ValueError(f"{type(self).__name__} is decoder-only: it takes no decoder_input_ids.")
+      if input_ids.shape[0] > 1 and (attention_mask[:, -1] == 0).any():
+        log.warning("Right padding in a decoder-only prompt: pad on the left "
+                    "(tokenizer.padding_side='left') for correct generation.")
+      prompt, extra, positions = input_ids.astype(np.int32), {}, self._max_positions()
+    prompt_mask = attention_mask if not self.is_encoder_decoder else np.ones_like(prompt)
+    batch, prompt_len = prompt.shape
+    config = gconfig.resolve_lengths(config, default_max_length, prompt_len, positions)
     num_beams = config.num_beams or 1
     n_return = config.num_return_sequences or 1
     expand = max(num_beams, n_return)
     fill = (pad_id or (eos[0] if eos else None)) if eos else -1
     fill = -1 if fill is None else fill
-    ids = np.repeat(input_ids.astype(np.int32), expand, axis=0)
-    mask = np.repeat(attention_mask, expand, axis=0)
-    runner = _Runner(self, config, prompt_len, num_beams, n_return, mask)
+    ids = np.repeat(prompt, expand, axis=0)
+    mask = np.repeat(prompt_mask, expand, axis=0)
+    runner = _Runner(self, config, prompt_len, num_beams, n_return, mask, positions)
     # Host-side layout: the model's prompt left-padded (masked) to the bucket; the output buffer
     # holds the prompt as given, then the new tokens.
     pad_cols = runner.bucket - prompt_len
@@ -163,15 +170,53 @@ class GenerationMixin:
               rng)
     return runner.finish(out, config)
 
-  def _generation_input_names(self):
-    """Model inputs generate passes through besides input_ids and attention_mask."""
-    return ()
+  def _decoder_prompt(self, config, input_ids, attention_mask, decoder_input_ids):
+    """(decoder prompt [B, P], encoder inputs padded on the right to a length bucket)."""
+    start = config.decoder_start_token_id
+    if start is None:
+      start = getattr(self.config, "decoder_start_token_id", None)
+    if start is None:
+      start = config.bos_token_id
+    if start is None:
+      raise ValueError(f"{type(self).__name__} has no decoder_start_token_id (nor bos_token_id) in "
+                       "its config or generation config: set config.decoder_start_token_id (T5 and "
+                       "Marian start from the pad id, BART from eos).")
+    batch = input_ids.shape[0]
+    if decoder_input_ids is None:
+      prompt = np.full((batch, 1), int(start), np.int32)
+    else:
+      prompt = np.asarray(decoder_input_ids, np.int32)
+      if prompt.ndim != 2 or prompt.shape[0] != batch:
+        raise ValueError(f"decoder_input_ids must be [batch={batch}, length]; got {prompt.shape}.")
+      if not (prompt[:, 0] == start).all():  # transformers prepends the start token
+        prompt = np.concatenate([np.full((batch, 1), int(start), np.int32), prompt], axis=1)
+    length = input_ids.shape[1]
+    enc_len = prompt_bucket(length, getattr(self, "max_encoder_positions", lambda: None)())
+    # Right padding is masked out of attention; the encoder's real positions do not move.
+    extra = {"input_ids": np.pad(input_ids.astype(np.int32), ((0, 0), (0, enc_len - length)),
+                                 constant_values=int(config.pad_token_id or 0)),
+             "attention_mask": np.pad(attention_mask, ((0, 0), (0, enc_len - length)))}
+    return prompt, extra
+
+
+def _input_mask(input_ids, attention_mask, pad_id, eos):
+  """The attention mask, by transformers' rule when not given: the pad token marks padding unless
+  it is also the EOS token."""
+  if attention_mask is None:
+    if pad_id is not None and pad_id not in eos and (input_ids == pad_id).any():
+      return (input_ids != pad_id).astype(np.int32)
+    return np.ones(input_ids.shape, np.int32)
+  attention_mask = np.asarray(attention_mask, np.int32)
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask has shape {attention_mask.shape} but input_ids has "
+                     f"{input_ids.shape}; they must match.")
+  return attention_mask
 
 
 class _Runner:
   """The static shape of one generate call, its compiled program, and its host-side finishing."""
 
-  def __init__(self, model, config, prompt_len, num_beams, n_return, mask_NxP):
+  def __init__(self, model, config, prompt_len, num_beams, n_return, mask_NxP, max_positions):
     self.model, self.num_beams, self.n_return = model, num_beams, n_return
     self.prompt_len = prompt_len
     self.max_new = int(config.max_length) - prompt_len
@@ -179,10 +224,9 @@ class _Runner:
     self.output_scores = bool(config.return_dict_in_generate and config.output_scores)
     self.return_dict = bool(config.return_dict_in_generate)
     self.early_stopping = config.early_stopping if config.early_stopping is not None else False
-    limit = None
-    if not model.is_encoder_decoder and model._max_positions() is not None:
-      limit = model._max_positions() - self.max_new
-    self.bucket = prompt_bucket(prompt_len, limit)
+    limit = None if max_positions is None else max_positions - self.max_new
+    # An encoder-decoder's decoder prompt is the start token: nothing to share by padding it.
+    self.bucket = prompt_len if model.is_encoder_decoder else prompt_bucket(prompt_len, limit)
     self.spec, self.values = processors.build(
         config, prompt_len=prompt_len, vocab_size=model.config.vocab_size,
         do_sample=self.do_sample, num_beams=num_beams, attention_mask=mask_NxP,
