@@ -248,6 +248,8 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
   def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values):
     """Validated int32 (attention_mask, position_ids), with the defaults of each mode."""
     b, t = input_ids.shape
+    as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)  # noqa: E731
+    attention_mask, position_ids = as_int(attention_mask), as_int(position_ids)
     if past_key_values is None:
       if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -272,8 +274,7 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
     if position_ids is not None and tuple(position_ids.shape) != (b, t):
       raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {(b, t)}; "
                        "they must match.")
-    as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)  # noqa: E731
-    return as_int(attention_mask), as_int(position_ids)
+    return attention_mask, position_ids
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, params=None,
                past_key_values=None, dropout_rng=None, train: bool = False,
@@ -285,9 +286,8 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}.")
-    attention_mask, position_ids = self._check_inputs(
-        input_ids, None if attention_mask is None else jnp.asarray(attention_mask), 
-        None if position_ids is None else jnp.asarray(position_ids), past_key_values)
+    attention_mask, position_ids = self._check_inputs(input_ids, attention_mask, position_ids,
+                                                      past_key_values)
     if train and dropout_rng is None:
       raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...).")
     variables = {"params": self.params if params is None else params}
