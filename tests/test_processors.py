@@ -49,7 +49,7 @@ class _Model:
     self.config = types.SimpleNamespace(is_encoder_decoder=is_encoder_decoder)
 
 
-def _reference(settings, ids_NxP, mask_NxP=None, is_encoder_decoder=False):
+def _reference(settings, ids_NxP, mask_NxP=None, is_encoder_decoder=False, resolve_lengths=True):
   """(transformers' processor list, the config prepared as `generate` prepares it)."""
   model = _Model(is_encoder_decoder)
   gc = GenerationConfig(**{"eos_token_id": EOS, "pad_token_id": PAD, "max_length": S,
@@ -57,9 +57,10 @@ def _reference(settings, ids_NxP, mask_NxP=None, is_encoder_decoder=False):
   gc.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
   ids = torch.tensor(ids_NxP, dtype=torch.long)
   GenerationMixin._prepare_special_tokens(model, gc, True, device="cpu", batch_size=len(ids))
-  gc = GenerationMixin._prepare_generated_length(
-      model, gc, has_default_max_length=False, has_default_min_length=True,
-      model_input_name="input_ids", input_ids_length=ids.shape[1], inputs_tensor=ids)
+  if resolve_lengths:
+    gc = GenerationMixin._prepare_generated_length(
+        model, gc, has_default_max_length=False, has_default_min_length=True,
+        model_input_name="input_ids", input_ids_length=ids.shape[1], inputs_tensor=ids)
   # generate drops an all-ones mask before building the processors
   mask = None if mask_NxP is None or mask_NxP.all() else torch.tensor(mask_NxP)
   kwargs = {"decoder_attention_mask" if is_encoder_decoder else "attention_mask": mask}
@@ -73,11 +74,11 @@ _apply = jax.jit(processors.apply, static_argnums=0)
 
 
 def _compare(settings, cur_lens, *, seq=None, mask=None, prompt_len=P, is_encoder_decoder=False,
-             expect=None, seed=0, scale=3.0):
+             expect=None, seed=0, scale=3.0, resolve_lengths=True):
   """Asserts flaxhf's chain == transformers' at every cur_len; returns how many steps it changed."""
   if seq is None:
     seq, mask = _buffers(seed)
-  procs, gc = _reference(settings, seq[:, :prompt_len], mask, is_encoder_decoder)
+  procs, gc = _reference(settings, seq[:, :prompt_len], mask, is_encoder_decoder, resolve_lengths)
   if expect is not None:
     assert [type(p).__name__ for p in procs] == expect
   spec, values = processors.build(gc, prompt_len=prompt_len, vocab_size=V, attention_mask=mask,
@@ -153,6 +154,21 @@ def test_repetition_penalty_counts_left_padding_only_without_mask():
     assert list(np.asarray(out[:, PAD]) == 0.5) == pad_penalized
 
 
+def test_min_length_and_min_new_tokens_unresolved_both_apply():
+  """Given a config whose min_length was not resolved from min_new_tokens, both processors ban EOS,
+  so the later threshold wins (here min_length 13 over P + 2)."""
+  settings = {"min_new_tokens": 2, "min_length": 13}
+  assert _compare(settings, STEPS, resolve_lengths=False) == 13 - P
+
+
+def test_bad_word_prefix_as_long_as_the_sequence():
+  """A banned word's prefix may span every filled slot (decoder_start_token_id, then one token)."""
+  seq = _encdec_buffer()
+  seq[:2, 1] = [7, 8]
+  settings = {"bad_words_ids": [[START, 9], [START, 7, 5], [START, 8, 30], [8, 30]]}
+  assert _compare(settings, [1, 2, 3], seq=seq, prompt_len=1, is_encoder_decoder=True) == 2
+
+
 def test_ties_in_top_k_and_top_p_keep_what_transformers_keeps():
   """Integer-valued logits tie a lot: top-k keeps every logit equal to the k-th largest."""
   changed = _compare({"do_sample": True, "top_k": 4}, STEPS, scale=1.0, seed=3)
@@ -166,6 +182,42 @@ def test_ties_in_top_k_and_top_p_keep_what_transformers_keeps():
   got = np.asarray(_apply(spec, values, jnp.asarray(logits), jnp.asarray(seq), jnp.int32(P)))
   np.testing.assert_array_equal(got, want)
   assert (np.isfinite(got).sum(axis=1) == 5).all()
+
+
+def test_top_p_keeps_every_token_tied_with_the_first_kept_one():
+  """The one documented difference: uniform logits, top_p 0.75. transformers keeps 24 of 32 tokens
+  (which ones depends on torch's unstable sort); flaxhf keeps all 32, as none is less likely."""
+  seq, mask = _buffers()
+  procs, gc = _reference({"do_sample": True, "top_k": 0, "top_p": 0.75}, seq[:, :P], mask)
+  spec, values = processors.build(gc, prompt_len=P, vocab_size=V, attention_mask=mask)
+  logits = np.zeros((N, V), np.float32)
+  want = procs(torch.tensor(seq[:, :P], dtype=torch.long), torch.tensor(logits)).numpy()
+  got = np.asarray(_apply(spec, values, jnp.asarray(logits), jnp.asarray(seq), jnp.int32(P)))
+  assert (np.isfinite(want).sum(axis=1) == 24).all() and np.isfinite(got).all()
+
+
+def test_neutral_values_leave_logits_bit_for_bit_unchanged():
+  """Penalty 1, temperature 1, top_k 0, top_p 1, min_p None add no transformers processor; flaxhf
+  runs them anyway (so they stay values) and must not change a bit, even where a probability
+  underflows to 0 (-200) or a logit is -inf."""
+  seq, mask = _buffers()
+  settings = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None,
+              "repetition_penalty": 1.0}
+  procs, gc = _reference(settings, seq[:, :P], mask)
+  assert len(procs) == 0
+  spec, values = processors.build(gc, prompt_len=P, vocab_size=V, attention_mask=mask)
+  logits = (np.random.RandomState(2).normal(size=(N, V)) * 3).astype(np.float32)
+  logits[:, 3], logits[:, 4], logits[:, 5] = -200.0, -np.inf, 1e30
+  got = np.asarray(_apply(spec, values, jnp.asarray(logits), jnp.asarray(seq), jnp.int32(P + 4)))
+  np.testing.assert_array_equal(got, logits)
+
+
+def test_mask_rows_must_match_logits_rows():
+  seq, mask = _buffers()
+  _, gc = _reference({"repetition_penalty": 1.5}, seq[:, :P], mask)
+  spec, values = processors.build(gc, prompt_len=P, vocab_size=V, attention_mask=mask[:2])
+  with pytest.raises(ValueError, match="repeated per beam"):
+    processors.apply(spec, values, jnp.zeros((N, V)), jnp.asarray(seq), jnp.int32(P))
 
 
 CHAIN = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2,

@@ -297,7 +297,9 @@ def top_k(scores_NxV, sorted_NxV, k):
 def top_p(scores_NxV, sorted_NxV, cut, keep):
   """Removes the least likely tokens whose total probability stays <= 1 - top_p (`cut`)."""
   cum_NxV = jnp.cumsum(jax.nn.softmax(sorted_NxV, axis=-1), axis=-1)
-  # Ascending order makes the removed tokens a prefix: its length picks the threshold.
+  # Ascending order makes the removed tokens a prefix: its length picks a threshold value. Tokens
+  # tied with the first kept one are all kept; torch's (unstable) sort drops an arbitrary subset
+  # of them instead, so only such ties can differ from transformers.
   removed_N = jnp.minimum(jnp.sum(cum_NxV <= cut, axis=-1), scores_NxV.shape[-1] - keep)
   first_kept_Nx1 = jnp.take_along_axis(sorted_NxV, removed_N[:, None], axis=-1)
   on = cut > 0
@@ -316,6 +318,10 @@ def min_p(scores_NxV, sorted_NxV, min_p_value, keep):
 def apply(spec: Spec, values, logits_NxV, sequences_NxS, cur_len):
   """The processed logits of one step, in transformers' order (see the module docstring)."""
   v = logits_NxV.shape[-1]
+  pad_len = values["prompt_pad_len"]
+  if pad_len.ndim and pad_len.shape[0] != logits_NxV.shape[0]:
+    raise ValueError(f"build(attention_mask=...) had {pad_len.shape[0]} rows but the logits have "
+                     f"{logits_NxV.shape[0]}: pass the mask repeated per beam / returned sequence.")
   x = logits_NxV.astype(jnp.float32)
   x = repetition_penalty(x, sequences_NxS, cur_len, values["repetition_penalty"],
                          values["prompt_pad_len"])
