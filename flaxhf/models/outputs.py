@@ -97,3 +97,71 @@ class QuestionAnsweringModelOutput(ModelOutput):
   end_logits: Array = None
   hidden_states: Optional[tuple] = None
   attentions: Optional[tuple] = None
+
+
+# ---- encoder-decoder outputs (transformers v4 Flax field names) ------------------------------------
+@flax.struct.dataclass
+class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
+  """A seq2seq decoder's output (`model.decode` of a base model); `past_key_values` as passed in, updated."""
+
+  last_hidden_state: Array = None
+  past_key_values: Optional[Any] = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+  cross_attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+  """A seq2seq LM's `decode` output: next-token logits, the updated cache."""
+
+  loss: Optional[Array] = None
+  logits: Array = None
+  past_key_values: Optional[Any] = None
+  hidden_states: Optional[tuple] = None
+  attentions: Optional[tuple] = None
+  cross_attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class Seq2SeqModelOutput(ModelOutput):
+  last_hidden_state: Array = None
+  past_key_values: Optional[Any] = None
+  decoder_hidden_states: Optional[tuple] = None
+  decoder_attentions: Optional[tuple] = None
+  cross_attentions: Optional[tuple] = None
+  encoder_last_hidden_state: Optional[Array] = None
+  encoder_hidden_states: Optional[tuple] = None
+  encoder_attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class Seq2SeqLMOutput(ModelOutput):
+  loss: Optional[Array] = None
+  logits: Array = None
+  past_key_values: Optional[Any] = None
+  decoder_hidden_states: Optional[tuple] = None
+  decoder_attentions: Optional[tuple] = None
+  cross_attentions: Optional[tuple] = None
+  encoder_last_hidden_state: Optional[Array] = None
+  encoder_hidden_states: Optional[tuple] = None
+  encoder_attentions: Optional[tuple] = None
+
+
+@flax.struct.dataclass
+class Seq2SeqSequenceClassifierOutput(Seq2SeqLMOutput):
+  pass
+
+
+@flax.struct.dataclass
+class Seq2SeqQuestionAnsweringModelOutput(ModelOutput):
+  loss: Optional[Array] = None
+  start_logits: Array = None
+  end_logits: Array = None
+  past_key_values: Optional[Any] = None
+  decoder_hidden_states: Optional[tuple] = None
+  decoder_attentions: Optional[tuple] = None
+  cross_attentions: Optional[tuple] = None
+  encoder_last_hidden_state: Optional[Array] = None
+  encoder_hidden_states: Optional[tuple] = None
+  encoder_attentions: Optional[tuple] = None
