@@ -184,6 +184,22 @@ def test_ties_in_top_k_and_top_p_keep_what_transformers_keeps():
   assert (np.isfinite(got).sum(axis=1) == 5).all()
 
 
+@pytest.mark.parametrize("settings", [{"top_k": 1}, {"top_k": 0, "top_p": 0.4},
+                                      {"top_k": 0, "min_p": 1.0}])
+def test_thresholds_are_exact_to_the_last_bit(settings):
+  """The kept token and one a single float step below it: only the first survives each filter."""
+  seq, mask = _buffers()
+  procs, gc = _reference({"do_sample": True, **settings}, seq[:, :P], mask)
+  spec, values = processors.build(gc, prompt_len=P, vocab_size=V, attention_mask=mask)
+  logits = np.full((N, V), -30.0, np.float32)
+  logits[:, 7] = 2.0
+  logits[:, 9] = np.nextafter(np.float32(2.0), np.float32(-np.inf))
+  want = procs(torch.tensor(seq[:, :P], dtype=torch.long), torch.tensor(logits)).numpy()
+  got = np.asarray(_apply(spec, values, jnp.asarray(logits), jnp.asarray(seq), jnp.int32(P)))
+  np.testing.assert_array_equal(got, want)
+  assert (np.isfinite(got).sum(axis=1) == 1).all() and np.isfinite(got[:, 7]).all()
+
+
 def test_top_p_keeps_every_token_tied_with_the_first_kept_one():
   """The one documented difference: uniform logits, top_p 0.75. transformers keeps 24 of 32 tokens
   (which ones depends on torch's unstable sort); flaxhf keeps all 32, as none is less likely."""
