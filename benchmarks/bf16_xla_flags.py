@@ -3,14 +3,19 @@
   python benchmarks/bf16_xla_flags.py [--model minilm] [--steps 3]
 
 Runs benchmarks/train_step.py (flaxhf only; PyTorch once, with the default flags, as the reference)
-under each XLA_FLAGS setting and prints the rows side by side. A flag this jaxlib does not know
-makes its row say so rather than stop the sweep.
+under each XLA_FLAGS setting and prints the rows side by side, after the machine header
+(benchmarks/machine.py); each row's GEMM peaks are measured under its own flags. A flag this
+jaxlib does not know makes its row say so rather than stop the sweep.
 """
 
 import argparse
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks import machine  # noqa: E402
 
 CANDIDATES = [
     "",
@@ -30,6 +35,7 @@ def main():
   p.add_argument("--model", default="minilm")
   p.add_argument("--steps", type=int, default=3)
   args = p.parse_args()
+  machine.print_header(("float32", "bfloat16"), title="bf16_xla_flags.py (default XLA_FLAGS)")
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
   for i, flags in enumerate(CANDIDATES):
     env = dict(os.environ, XLA_FLAGS=flags)

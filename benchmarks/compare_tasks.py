@@ -24,6 +24,7 @@ with every dropout rate 0, the QA fine-tune gave the same EM/F1 to the hundredth
 With several seeds (which change the head's initialisation, dropout and data order on both sides)
 the table ends with each side's mean and standard deviation: compare means, since one seed moves
 CODAH accuracy by a point or more.
+The machine header (benchmarks/machine.py: CPU, cores, flags, versions, GEMM peaks) comes first.
 Wall s is the training loop plus evaluation; for flaxhf it includes jit compilation, the final
 checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
 """
@@ -40,6 +41,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
+
+from benchmarks import machine  # noqa: E402
 
 # Per task: config module, PyTorch auto class, and the defaults of the flags left unset (lr None:
 # the local config's). Per seed, both sides, 2 quiet cores: ~5 min NER, ~25 min QA, ~6 min MC. QA
@@ -336,6 +339,9 @@ def main():
   if unknown:
     p.error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
   seeds = [int(x) for x in args.seeds.split(",")]
+  import torch
+  torch.set_num_threads(args.threads)
+  machine.print_header(title="compare_tasks.py")
   rows = [run_task(n, args, seed) for n in names for seed in seeds]
   print_table(rows, args.threads)
   if args.set:

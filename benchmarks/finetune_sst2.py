@@ -6,9 +6,10 @@
 Both sides: the same checkpoint, train/dev files, steps, global batch, learning rate, linear
 warmup/decay, AdamW without decay on biases/LayerNorm, gradient clipping 1.0, max length 128.
 PyTorch pads each batch to its longest example (dynamic padding); flaxhf pads to length buckets.
-Prints wall clock (training loop, and end to end with data and compilation) and dev accuracy,
-per seed and, with several seeds, their mean and standard deviation: on 872 dev sentences one
-seed's accuracy moves by about a point, so compare means.
+Prints the machine header (benchmarks/machine.py), then wall clock (training loop, and end to
+end with data and compilation) and dev accuracy, per seed and, with several seeds, their mean and
+standard deviation: on 872 dev sentences one seed's accuracy moves by about a point, so compare
+means.
 """
 
 import argparse
@@ -20,6 +21,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
+
+from benchmarks import machine  # noqa: E402
 
 
 def glue_files(data_dir):
@@ -116,7 +119,8 @@ def main():
   args = p.parse_args()
   import torch
   from configs.common import DATA_DIR, minilm_path
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  machine.print_header(tuple(dict.fromkeys(["float32", args.dtype])), title="finetune_sst2.py")
   model_path = minilm_path()
   train_file, dev_file = glue_files(os.environ.get("FLAXHF_DATA", DATA_DIR))
   seeds = [int(s) for s in args.seeds.split(",")]
