@@ -169,7 +169,7 @@ def test_bad_word_prefix_as_long_as_the_sequence():
   assert _compare(settings, [1, 2, 3], seq=seq, prompt_len=1, is_encoder_decoder=True) == 2
 
 
-def test_ties_in_top_k_and_top_p_keep_what_transformers_keeps():
+def test_ties_in_top_k_keep_what_transformers_keeps():
   """Integer-valued logits tie a lot: top-k keeps every logit equal to the k-th largest."""
   changed = _compare({"do_sample": True, "top_k": 4}, STEPS, scale=1.0, seed=3)
   assert changed == len(STEPS)
