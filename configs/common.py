@@ -68,6 +68,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 0                       # 0: evaluate at the end only
   c.train.progress_bar = True
+  # A non-finite loss or gradient norm: "abort" stops the run (exit 65, nothing saved after the
+  # last good step); "skip" drops that update on device and stops after this many in a row.
+  c.train.nonfinite = "abort"
+  c.train.max_nonfinite_in_a_row = 10
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                             # -1 takes the devices left over
@@ -80,6 +84,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
   c.checkpoint.export_best = True              # export the best eval step rather than the last
+
+  c.cluster = ml_collections.ConfigDict()      # multi-process runs (flaxhf.distributed)
+  c.cluster.heartbeat_timeout_s = 100          # a silent peer ends the others after this long
+  c.cluster.initialization_timeout_s = 300     # how long processes wait for each other at start
   return c
 
 

@@ -5,6 +5,9 @@ and, for steps saved with metrics while a best metric is tracked, `metrics/`. Or
 `<step>.orbax-checkpoint-tmp-*` and renames it when every process has finished, so a step folder
 with a plain integer name is always complete. Superseded steps are first renamed into `_deleted/`
 and only then removed, so a kill mid-deletion never leaves a half-deleted step that looks valid.
+A step that fails to restore later (files lost or damaged after the commit) is moved into
+`_corrupt/` by `restore_latest`, which resumes from the newest step that does restore. A save that
+fails (a full disk) raises CheckpointSaveError and leaves every earlier step as it was.
 
 Typed PRNG keys (`jax.random.key`) may be saved directly: they are stored as their uint32 key data
 and come back as whichever kind `abstract_state` holds (`restore_arrays` gives the raw data).
@@ -24,6 +27,7 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 _STATE, _META = "state", "meta"
 _TRASH = "_deleted"
+_CORRUPT = "_corrupt"
 _MAX_LISTED = 20  # leaves named per kind of mismatch; the rest are counted
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,10 @@ def _quiet_orbax():
   logger = absl_logging.get_absl_logger()
   if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
     logger.addFilter(_QuietOrbax())
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (often a full disk); the earlier checkpoints are intact."""
 
 
 class Checkpointer:
@@ -91,6 +99,7 @@ class Checkpointer:
                        _META: ocp.JsonCheckpointHandler(multiprocessing_options=processes)})
     # Scores by step, kept here because an in-flight step has no metrics file yet.
     self._scores = {}
+    self._in_flight = None  # the step of the last save started, until it is known to be done
     if best_metric:
       for step in self._manager.all_steps():
         score = self._score(self._manager.metrics(step) or {})
@@ -138,12 +147,15 @@ class Checkpointer:
         log.warning("Step %d: metrics lack a finite %r; it cannot become the best checkpoint.",
                     step, self.best_metric)
     # The previous save's deletions (renames into _deleted/) must be done before emptying it.
-    self._manager.wait_until_finished()
-    self._empty_trash()
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                         _META: ocp.args.JsonSave(meta)}),
-        metrics=orbax_metrics, force=True)
+    self.wait_until_finished()
+    self._in_flight = step
+    try:
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
+                                           _META: ocp.args.JsonSave(meta)}),
+          metrics=orbax_metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
     if saved and orbax_metrics is not None:
       self._scores[step] = self._score(orbax_metrics)
     return saved
@@ -189,14 +201,71 @@ class Checkpointer:
     return state, restored[_META]
 
   def wait_until_finished(self):
-    """Blocks until the in-flight save is committed (re-raising its error, if any)."""
-    self._manager.wait_until_finished()
+    """Blocks until the in-flight save is committed; raises CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
+    self._in_flight = None
     self._empty_trash()
+
+  def _save_failed(self, error) -> CheckpointSaveError:
+    step, self._in_flight = self._in_flight, None
+    # Orbax forgets every step after a failed save; what is on disk is still intact.
+    self._manager.reload()
+    cause = str(error)
+    cause = cause if len(cause) <= 300 else cause[:300] + " ..."
+    return CheckpointSaveError(
+        f"Saving checkpoint step {step} in {self.directory} failed ({type(error).__name__}: "
+        f"{cause}). The earlier steps {self.all_steps() or '(none)'} are intact; free disk space "
+        "and rerun to resume from the latest of them.")
+
+  def restore_latest(self, abstract_state):
+    """(state, meta, step) of the newest step that restores; corrupt ones go to `_corrupt/`.
+
+    Raises FileNotFoundError without checkpoints, RuntimeError if none restores, and ValueError
+    (not skipped) if a step does not match `abstract_state`.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    failed = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        error = None
+      except RuntimeError as e:  # _corrupt(): files missing or unreadable
+        error = e
+      if not _all_processes_ok(error is None):  # one process's shard may be the damaged one
+        log.warning("Checkpoint step %d does not restore, trying the one before: %s", step,
+                    error or "another process could not read its shards")
+        self._set_aside(step)
+        failed.append(step)
+        continue
+      return state, meta, step
+    if failed:
+      raise RuntimeError(f"No checkpoint in {self.directory} restores (steps {failed} are moved to "
+                         f"{self.directory / _CORRUPT}).")
+    raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+
+  def _set_aside(self, step: int):
+    """Moves a step that does not restore out of the step list (kept in _corrupt/ to inspect)."""
+    if jax.process_index() == 0:
+      (self.directory / _CORRUPT).mkdir(exist_ok=True)
+      target = self.directory / _CORRUPT / str(step)
+      n = 1
+      while target.exists():
+        target, n = self.directory / _CORRUPT / f"{step}-{n}", n + 1
+      (self.directory / str(step)).rename(target)
+    _barrier(f"flaxhf_set_aside_{step}")
+    self._manager.reload()
+    self._scores.pop(step, None)
 
   def close(self):
     """Finishes the in-flight save and releases Orbax's threads."""
-    self.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
@@ -231,6 +300,20 @@ def restore_arrays(step_dir: str):
     return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     handler.close()
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (each one reads only its own shards)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _is_number(value) -> bool:

@@ -1,9 +1,13 @@
 """Fine-tunes a Hugging Face model with flaxhf.
 
   python launch/run.py --config configs/text_classification.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
-      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I] [--dry_run]
 
-Rerunning the same command in the same workdir resumes from its latest checkpoint.
+Rerunning the same command in the same workdir resumes from its latest checkpoint. On SLURM, Open
+MPI, a Kubernetes indexed Job / JobSet or a Cloud TPU pod the processes find each other without
+flags. --dry_run prints the cluster, processes, devices and mesh the run would use, and exits.
+Exit codes: 0 done, 75 preempted (checkpoint saved: rerun), 65 non-finite loss, 78 bad cluster
+environment (see flaxhf/train/faults.py).
 """
 
 import difflib
@@ -23,6 +27,8 @@ flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the expor
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("dry_run", False, "Print the detected cluster, processes, devices and mesh, then "
+                  "exit without loading data or models.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -73,9 +79,17 @@ def main(argv):
                       force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  cfg = FLAGS.config
   # The distributed runtime must start before anything asks JAX for devices.
   from flaxhf import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from flaxhf.train import faults
+  try:
+    cluster = distributed.detect(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize(cluster, cfg.cluster.heartbeat_timeout_s,
+                           cfg.cluster.initialization_timeout_s)
+  except distributed.ClusterError as e:
+    logging.error("%s", e)
+    sys.exit(faults.EXIT_CLUSTER)
   import jax
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "FLAXHF_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flaxhf_xla")))
@@ -83,8 +97,25 @@ def main(argv):
     # Other processes log only warnings and flaxhf's per-process facts (devices, data share).
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("flaxhf").setLevel(logging.INFO)
+  from flaxhf import sharding
+  facts = distributed.report(cluster, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp,
+                                                         cfg.mesh.tensor))
+  logging.getLogger("flaxhf").info(facts)  # every process: which one is which, in each log
+  if FLAGS.dry_run:
+    print(facts, flush=True)
+    print(f"Dry run: train.batch_size={cfg.train.batch_size} gives each of the "
+          f"{jax.process_count()} processes {cfg.train.batch_size / jax.process_count():g} rows a "
+          f"step; mesh.rules={cfg.mesh.rules}. No data or model was loaded.", flush=True)
+    return
   from flaxhf.train import engine
-  results = engine.run(FLAGS.config, FLAGS.workdir)
+  try:
+    results = engine.run(cfg, FLAGS.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    code = faults.exit_code(e)
+    if code is None:
+      raise
+    logging.error("%s", e)
+    sys.exit(code)
   if jax.process_index() == 0:
     print("eval_results:", results, flush=True)
 

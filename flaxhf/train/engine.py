@@ -23,7 +23,7 @@ from flaxhf import sharding
 from flaxhf.checkpoint import Checkpointer, read_meta
 from flaxhf.data import batching
 from flaxhf.models import io
-from flaxhf.train import optim
+from flaxhf.train import faults, optim
 from flaxhf.train.logger import RunLogger
 from flaxhf.train.tasks import get_task
 
@@ -76,8 +76,13 @@ def load_model_config(model_cfg, model_dir: Optional[str]):
   return config
 
 
-def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_shardings):
-  """The jitted step (state, batch) -> (state, metrics): sharded in and out, state donated."""
+def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_shardings,
+                     skip_nonfinite: bool = False):
+  """The jitted step (state, batch) -> (state, metrics): sharded in and out, state donated.
+
+  metrics["nonfinite"] flags a non-finite loss or gradient norm; `skip_nonfinite` then also keeps
+  that step's params and optimizer state (train.nonfinite=skip).
+  """
   module, k = model.module, grad_accum_steps
   batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
 
@@ -113,10 +118,16 @@ def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_sh
     count = jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "rng": state["rng"],
-                 "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state["step"])}
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.global_norm(grads)  # inf or NaN if any gradient is
+    nonfinite = ~(jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm))
+    if skip_nonfinite:
+      new_params, opt_state = faults.keep_if(~nonfinite, (new_params, opt_state),
+                                             (params, state["opt_state"]))
+    new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": new_params,
+                 "opt_state": opt_state}
+    metrics = {"loss": loss_sum / count, "grad_norm": grad_norm,
+               "learning_rate": schedule(state["step"]), "nonfinite": nonfinite}
     return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
@@ -257,7 +268,8 @@ class Trainer:
 
   def _init_state(self, params, resume_step):
     if resume_step is not None:
-      state, meta = self.ckpt.restore(resume_step, self.abstract_state)
+      # The newest checkpoint that restores: a corrupt one is set aside with a warning.
+      state, meta, resume_step = self.ckpt.restore_latest(self.abstract_state)
       log.warning("Resuming from step %d (checkpoint in %s).", resume_step, self.ckpt.directory)
       return state, int(meta.get("step", resume_step))
     if params is None:  # from scratch: initialise straight into the shards
@@ -268,7 +280,8 @@ class Trainer:
 
   def _compile_train_step(self):
     return build_train_step(self.model, self.task, self.tx, self.schedule,
-                            self.cfg.train.grad_accum_steps, self.mesh, self.state_shardings)
+                            self.cfg.train.grad_accum_steps, self.mesh, self.state_shardings,
+                            skip_nonfinite=self.cfg.train.nonfinite == "skip")
 
   def _compile_eval_step(self):
     module, task = self.model.module, self.task
@@ -320,6 +333,23 @@ class Trainer:
     """Trains to `total_steps` from wherever the workdir left off; returns the final eval metrics."""
     cfg, total = self.cfg, self.total_steps
     logger = RunLogger(self.workdir, total, self.start_step, cfg.train.progress_bar)
+    preemption = faults.Preemption()
+    try:
+      last_metrics = self._train_loop(logger, preemption)
+    finally:
+      preemption.close()
+    if self.start_step >= total:
+      log.warning("The workdir already holds the final step %d: evaluating and exporting again.", total)
+      last_metrics = self.evaluate()
+    self.ckpt.wait_until_finished()
+    logger.close()
+    return self._finish(last_metrics)
+
+  def _train_loop(self, logger, preemption) -> dict:
+    """Steps start_step + 1 .. total_steps; the last eval metrics. Raises faults.Preempted."""
+    cfg, total = self.cfg, self.total_steps
+    guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_in_a_row,
+                                  self.ckpt.latest_step)
     keys = set(self.task.model_inputs) | set(self.task.label_fields)
     batches = batching.train_batches(
         self.data.train, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -339,15 +369,28 @@ class Trainer:
       logger.count_tokens(int(local["attention_mask"].sum()) * jax.process_count())
       self.state, metrics = self._train_step(self.state, self._device_batch(local))
       window.append(metrics)
+      guard.add(step, metrics["nonfinite"])
       logger.step_done(step, metrics)  # the bar advances when these are ready, not at dispatch
-      if step % cfg.train.log_every == 0 or step == total:
+      stop = preemption.reached(step)  # the same step on every process
+      log_due = step % cfg.train.log_every == 0 or step == total or stop
+      eval_due = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+      if log_due or eval_due or step % cfg.checkpoint.every_steps == 0:
+        guard.check()  # raises before anything after a bad step is logged or saved
+      if log_due:
         host = jax.device_get(window)
-        logger.train(step, {"loss": float(np.mean([m["loss"] for m in host])),
+        finite = [m["loss"] for m in host if not m["nonfinite"]]  # skipped steps are counted
+        logger.train(step, {"loss": float(np.mean(finite)) if finite else float("nan"),
                             "grad_norm": float(host[-1]["grad_norm"]),
                             "learning_rate": float(host[-1]["learning_rate"]), "epoch":
-                            step / self.steps_per_epoch})
+                            step / self.steps_per_epoch,
+                            **({"nonfinite_steps": len(host) - len(finite)}
+                               if len(finite) < len(host) else {})})
         window = []
-      eval_due = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+      if stop:
+        if step not in self.ckpt.all_steps():
+          self.ckpt.save(step, self.state, meta=self._meta(step), force=True)
+        self.ckpt.wait_until_finished()  # synchronous: the machine may go any second now
+        raise faults.Preempted(step, str(self.ckpt.directory))
       eval_metrics = self.evaluate() if eval_due else None
       if eval_metrics:
         logger.write("eval", step, eval_metrics)
@@ -361,12 +404,7 @@ class Trainer:
                        force=True)
       if eval_due or step % cfg.checkpoint.every_steps == 0:
         logger.reset_clock(step)
-    if self.start_step >= total:
-      log.warning("The workdir already holds the final step %d: evaluating and exporting again.", total)
-      last_metrics = self.evaluate()
-    self.ckpt.wait_until_finished()
-    logger.close()
-    return self._finish(last_metrics)
+    return last_metrics
 
   def _meta(self, step):
     return {"step": int(step), "config": json.loads(self.cfg.to_json_best_effort()),
