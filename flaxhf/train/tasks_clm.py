@@ -128,8 +128,8 @@ class CausalLM(Task):
     blocks = task_data.eval.seqs["input_ids"]
     rows = np.linspace(0, len(blocks) - 1, min(n, len(blocks))).astype(int)
     prompts = np.stack([blocks[r][:int(ev.prompt_tokens)] for r in rows])
-    out = model.generate(prompts, params=params, max_new_tokens=int(ev.max_new_tokens),
-                         do_sample=False)
+    out = model.generate(prompts, attention_mask=np.ones_like(prompts), params=params,
+                         max_new_tokens=int(ev.max_new_tokens), do_sample=False)
     sequences = np.asarray(jax.device_get(out.sequences))
     return [{"prompt": self.tokenizer.decode(p), "generated": self.tokenizer.decode(
         s[prompts.shape[1]:])} for p, s in zip(prompts, sequences)]
