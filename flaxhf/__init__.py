@@ -10,8 +10,14 @@ from flaxhf.models.auto import (
     FLAX_MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     FLAX_MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, FLAX_MODEL_MAPPING, FlaxAutoModel,
     FlaxAutoModelForCausalLM, FlaxAutoModelForMaskedLM, FlaxAutoModelForMultipleChoice,
-    FlaxAutoModelForQuestionAnswering, FlaxAutoModelForSequenceClassification,
-    FlaxAutoModelForTokenClassification)
+    FlaxAutoModelForQuestionAnswering, FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSequenceClassification, FlaxAutoModelForTokenClassification)
+from flaxhf.models.bart import (
+    FlaxBartForConditionalGeneration, FlaxBartForQuestionAnswering,
+    FlaxBartForSequenceClassification, FlaxBartModel, FlaxBartPreTrainedModel,
+    FlaxMarianModel, FlaxMarianMTModel, FlaxMarianPreTrainedModel, FlaxMBartForConditionalGeneration,
+    FlaxMBartForQuestionAnswering, FlaxMBartForSequenceClassification, FlaxMBartModel,
+    FlaxMBartPreTrainedModel)
 from flaxhf.models.base import FlaxPreTrainedModel
 from flaxhf.models.bert import (
     FlaxBertForMaskedLM, FlaxBertForMultipleChoice, FlaxBertForQuestionAnswering,

@@ -75,6 +75,10 @@ class FlaxAutoModelForCausalLM(_AutoModel):
   task = "causal_lm"
 
 
+class FlaxAutoModelForSeq2SeqLM(_AutoModel):
+  task = "seq2seq_lm"
+
+
 class _TaskMapping(collections.abc.Mapping):
   """transformers v4's FLAX_MODEL_*_MAPPING: config class -> flaxhf class, read live from REGISTRY."""
 

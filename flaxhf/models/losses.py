@@ -64,7 +64,8 @@ def compute_loss(task: str, outputs, labels, config):
   """Dispatches on the head's task; `labels` is an array, or (start, end) positions for QA."""
   if task == "sequence_classification":
     return sequence_classification_loss(outputs.logits, labels, getattr(config, "problem_type", None))
-  if task in ("token_classification", "masked_lm"):
+  # seq2seq_lm: the labels line up with the decoder inputs (shifted right), so no shift here.
+  if task in ("token_classification", "masked_lm", "seq2seq_lm"):
     return lm_loss(outputs.logits, labels)
   if task == "causal_lm":
     return causal_lm_loss(outputs.logits, labels)

@@ -1,0 +1,715 @@
+"""BART, mBART and Marian: one encoder-decoder family, switched by `config.model_type`.
+
+mBART normalises before each sub-layer and once more after each stack; Marian has fixed sinusoidal
+positions (sin in the first half of the features, cos in the second) and no embedding LayerNorm;
+BART and mBART learn their positions with an offset of 2. Module and parameter names equal
+transformers' PyTorch names (`model.encoder.layers.0.self_attn.q_proj.weight`).
+
+The decoder's cache is the Linen "cache" collection: per layer, the self-attention `cached_key`,
+`cached_value` [B, max_length, H, D] and a scalar `cache_index` (transformers v4's layout, from
+`init_cache`). Generation also keeps each layer's cross-attention keys and values of the encoder
+output there (`encoder_attn.cached_key` [B, S, H, D]), computed once in the prefill.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import BartConfig, MarianConfig, MBartConfig, PretrainedConfig
+
+from flaxhf.generation import GenerationMixin
+from flaxhf.models import losses
+from flaxhf.models import outputs as O
+from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
+from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
+                                  dot_product_attention, get_activation, merge_heads, split_heads)
+
+_EPS = 1e-5          # torch.nn.LayerNorm's default, which every layer norm of the family uses
+_POSITION_OFFSET = 2  # BART's learned positions start at row 2 (a fairseq legacy)
+
+
+def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):
+  """Decoder inputs from labels: shifted one slot right after the start token; -100 becomes pad."""
+  if pad_token_id is None:
+    raise ValueError("self.model.config.pad_token_id has to be defined.")
+  input_ids = jnp.asarray(input_ids)
+  shifted = jnp.concatenate([jnp.full_like(input_ids[:, :1], decoder_start_token_id),
+                             input_ids[:, :-1]], axis=1)
+  return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def mbart_shift_tokens_right(input_ids, pad_token_id: int):
+  """mBART's shift: the last non-pad token (the language code) wraps round to the front."""
+  if pad_token_id is None:
+    raise ValueError("self.model.config.pad_token_id has to be defined.")
+  ids = jnp.asarray(input_ids)
+  ids = jnp.where(ids == -100, pad_token_id, ids)
+  last_B = jnp.sum(ids != pad_token_id, axis=-1) - 1
+  start_B = jnp.take_along_axis(ids, last_B[:, None], axis=1)
+  return jnp.concatenate([start_B, ids[:, :-1]], axis=1)
+
+
+def marian_sinusoidal_init(key, shape, dtype=jnp.float32):
+  """MarianSinusoidalPositionalEmbedding.create_weight: sin features first, cos in the second half."""
+  del key  # a fixed table
+  n_pos, dim = shape
+  j = np.arange(dim)
+  angle_PxD = np.arange(n_pos)[:, None] / np.power(10000, 2 * (j // 2) / dim)
+  half = (dim + 1) // 2
+  table = np.empty((n_pos, dim), np.float32)
+  table[:, :half] = np.sin(angle_PxD[:, 0::2])
+  table[:, half:] = np.cos(angle_PxD[:, 1::2])
+  return jnp.asarray(table, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavor:
+  """What differs between the three architectures."""
+
+  pre_norm: bool             # mBART: LayerNorm before each sub-layer, and `layer_norm` after each stack
+  sinusoidal: bool           # Marian: fixed sinusoidal positions without offset
+  layernorm_embedding: bool  # BART, mBART: LayerNorm on the embeddings
+
+
+FLAVORS = {"bart": Flavor(False, False, True), "mbart": Flavor(True, False, True),
+           "marian": Flavor(False, True, False)}
+
+
+def has_shared(c) -> bool:
+  """Whether the model keeps a `shared` embedding (Marian may give the decoder its own vocabulary)."""
+  return c.model_type != "marian" or c.share_encoder_decoder_embeddings
+
+
+def target_vocab_size(c) -> int:
+  return c.decoder_vocab_size if not has_shared(c) else c.vocab_size
+
+
+class BartAttention(nn.Module):
+  """Multi-head attention with q/k/v/out projections; decoder self-attention keeps a KV cache."""
+
+  config: PretrainedConfig
+  num_heads: int
+  causal: bool = False  # the decoder's self-attention
+  cross: bool = False   # keys/values from the encoder output
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxE, mask, kv_BxSxE=None, deterministic=True, init_cache=False,
+               cache_cross=False):
+    c, d = self.config, self.dtype
+
+    def proj(name, axes=("heads", "embed")):
+      return Linear(c.d_model, axes, c.init_std, dtype=d, name=name)
+
+    q = constrain(split_heads(proj("q_proj")(x_BxTxE), self.num_heads), ("batch", "seq", "heads", "kv"))
+    if self.cross and self.has_variable("cache", "cached_key"):  # projected once, at the prefill
+      k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    else:
+      source = kv_BxSxE if self.cross else x_BxTxE
+      k = split_heads(proj("k_proj")(source), self.num_heads)
+      v = split_heads(proj("v_proj")(source), self.num_heads)
+      if self.cross and cache_cross:
+        self.put_variable("cache", "cached_key", k)
+        self.put_variable("cache", "cached_value", v)
+    if self.causal:
+      first_slot = 0
+      decoding = self.has_variable("cache", "cached_key")
+      if init_cache or decoding:
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if decoding:  # write the T new keys/values at cache_index, then attend over every slot
+        first_slot = index.value
+        at = (0, first_slot, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), at)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at)
+        index.value = first_slot + q.shape[1]
+        k, v = cached_k.value, cached_v.value
+      # Query t (slot first_slot + t) sees the slots up to its own that the mask allows; so cache
+      # slots not written yet are never seen.
+      q_slot_T = first_slot + jnp.arange(q.shape[1])
+      causal_TxS = jnp.arange(k.shape[1])[None, :] <= q_slot_T[:, None]
+      mask = causal_TxS[None] & mask.astype(bool)[:, None, :]
+    ctx, probs = dot_product_attention(q, k, v, attention_bias(mask, d), dropout_rate=c.attention_dropout,
+                                       deterministic=deterministic, module=self, dtype=d)
+    return proj("out_proj", ("embed", "heads"))(merge_heads(ctx)), probs
+
+
+def _sublayer(module, x, fn, norm_name, deterministic):
+  """The residual around `fn` with its LayerNorm: before `fn` (mBART) or after the sum (BART, Marian)."""
+  c = module.config
+  norm = LayerNorm(_EPS, dtype=module.dtype, name=norm_name)
+  pre = FLAVORS[c.model_type].pre_norm
+  y, extra = fn(norm(x) if pre else x)
+  y = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
+  return (y if pre else norm(y)), extra
+
+
+def _feed_forward(module, ffn_dim, deterministic):
+  c, d = module.config, module.dtype
+
+  def ffn(x):
+    h = get_activation(c.activation_function)(
+        Linear(ffn_dim, ("mlp", "embed"), c.init_std, dtype=d, name="fc1")(x))
+    h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
+    return Linear(c.d_model, ("embed", "mlp"), c.init_std, dtype=d, name="fc2")(h), None
+  return ffn
+
+
+class BartEncoderLayer(nn.Module):
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxE, mask_BxL, deterministic):
+    c = self.config
+    attn = BartAttention(c, c.encoder_attention_heads, dtype=self.dtype, name="self_attn")
+    x, probs = _sublayer(self, x_BxLxE, lambda h: attn(h, mask_BxL, deterministic=deterministic),
+                         "self_attn_layer_norm", deterministic)
+    x, _ = _sublayer(self, x, _feed_forward(self, c.encoder_ffn_dim, deterministic), "final_layer_norm",
+                     deterministic)
+    return constrain(x, ("batch", "seq", "embed")), probs
+
+
+class BartDecoderLayer(nn.Module):
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxE, mask, encoder_BxSxE, encoder_mask_BxS, deterministic, init_cache,
+               cache_cross):
+    c, d, h = self.config, self.dtype, self.config.decoder_attention_heads
+    self_attn = BartAttention(c, h, causal=True, dtype=d, name="self_attn")
+    cross_attn = BartAttention(c, h, cross=True, dtype=d, name="encoder_attn")
+    x, self_probs = _sublayer(
+        self, x_BxTxE, lambda y: self_attn(y, mask, deterministic=deterministic, init_cache=init_cache),
+        "self_attn_layer_norm", deterministic)
+    x, cross_probs = _sublayer(
+        self, x, lambda y: cross_attn(y, encoder_mask_BxS, encoder_BxSxE, deterministic,
+                                      cache_cross=cache_cross),
+        "encoder_attn_layer_norm", deterministic)
+    x, _ = _sublayer(self, x, _feed_forward(self, c.decoder_ffn_dim, deterministic), "final_layer_norm",
+                     deterministic)
+    return constrain(x, ("batch", "seq", "embed")), self_probs, cross_probs
+
+
+def _embed(module, ids_BxL, position_ids_BxL, vocab_size, deterministic):
+  """Scaled token embeddings + positions (+ layernorm_embedding), then dropout."""
+  c, d = module.config, module.dtype
+  flavor = FLAVORS[c.model_type]
+  if position_ids_BxL is None:  # the wrappers pass them; module-level calls (init) count from 0
+    position_ids_BxL = _positions(*ids_BxL.shape)
+  tokens = module.shared if module.shared is not None else Embedding(
+      vocab_size, c.d_model, std=c.init_std, padding_idx=c.pad_token_id, dtype=d, name="embed_tokens")
+  x = tokens(ids_BxL) * (math.sqrt(c.d_model) if c.scale_embedding else 1.0)
+  if flavor.sinusoidal:  # a frozen table in transformers: no gradient
+    table = Embedding(c.max_position_embeddings, c.d_model, axes=(None, "embed"),
+                      embedding_init=marian_sinusoidal_init, dtype=d, name="embed_positions")
+    x = x + jax.lax.stop_gradient(table(position_ids_BxL))
+  else:
+    x = x + Embedding(c.max_position_embeddings + _POSITION_OFFSET, c.d_model, axes=(None, "embed"),
+                      std=c.init_std, dtype=d, name="embed_positions")(position_ids_BxL + _POSITION_OFFSET)
+  if flavor.layernorm_embedding:
+    x = LayerNorm(_EPS, dtype=d, name="layernorm_embedding")(x)
+  return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+
+
+def _layerdrop(module, x_old, x_new, rate, deterministic):
+  """transformers' LayerDrop: in training, the whole layer is skipped with probability `rate`."""
+  if deterministic or not rate:
+    return x_new
+  return jnp.where(jax.random.uniform(module.make_rng("dropout")) < rate, x_old, x_new)
+
+
+def _final_norm(module, x):
+  if FLAVORS[module.config.model_type].pre_norm:
+    return LayerNorm(_EPS, dtype=module.dtype, name="layer_norm")(x)
+  return x
+
+
+class BartEncoder(nn.Module):
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+  shared: Optional[nn.Module] = None  # the tied token embedding; None: the encoder has its own
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, position_ids, deterministic=True,
+               output_attentions=False, output_hidden_states=False):
+    c = self.config
+    x = _embed(self, input_ids, position_ids, c.vocab_size, deterministic)
+    hidden, attentions = (), ()
+    for i in range(c.encoder_layers):
+      hidden += (x,)
+      y, probs = BartEncoderLayer(c, self.dtype, name=f"layers.{i}")(x, attention_mask, deterministic)
+      x = _layerdrop(self, x, y, c.encoder_layerdrop, deterministic)
+      attentions += (probs,)
+    x = _final_norm(self, x)
+    return O.BaseModelOutput(last_hidden_state=x,
+                             hidden_states=hidden + (x,) if output_hidden_states else None,
+                             attentions=attentions if output_attentions else None)
+
+
+class BartDecoder(nn.Module):
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+  shared: Optional[nn.Module] = None
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, position_ids, encoder_hidden_states,
+               encoder_attention_mask, deterministic=True, output_attentions=False,
+               output_hidden_states=False, init_cache=False, cache_cross=False):
+    c = self.config
+    x = _embed(self, input_ids, position_ids, target_vocab_size(c), deterministic)
+    hidden, self_attn, cross_attn = (), (), ()
+    for i in range(c.decoder_layers):
+      hidden += (x,)
+      y, probs, cross = BartDecoderLayer(c, self.dtype, name=f"layers.{i}")(
+          x, attention_mask, encoder_hidden_states, encoder_attention_mask, deterministic,
+          init_cache, cache_cross)
+      x = _layerdrop(self, x, y, c.decoder_layerdrop, deterministic)
+      self_attn, cross_attn = self_attn + (probs,), cross_attn + (cross,)
+    x = _final_norm(self, x)
+    return O.BaseModelOutputWithPastAndCrossAttentions(
+        last_hidden_state=x, hidden_states=hidden + (x,) if output_hidden_states else None,
+        attentions=self_attn if output_attentions else None,
+        cross_attentions=cross_attn if output_attentions else None)
+
+
+class BartModule(nn.Module):
+  """`BartModel` (and `MBartModel`, `MarianModel`): `shared`, `encoder`, `decoder`."""
+
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.shared = Embedding(c.vocab_size, c.d_model, std=c.init_std, padding_idx=c.pad_token_id,
+                            dtype=self.dtype) if has_shared(c) else None
+    # Untied, transformers 5 gives the encoder and decoder their own embeddings (`shared` unused).
+    tied = self.shared if c.tie_word_embeddings else None
+    self.encoder = BartEncoder(c, self.dtype, shared=tied)
+    self.decoder = BartDecoder(c, self.dtype, shared=tied)
+
+  def encode(self, input_ids, attention_mask, position_ids, deterministic=True,
+             output_attentions=False, output_hidden_states=False):
+    return self.encoder(input_ids, attention_mask, position_ids, deterministic, output_attentions,
+                        output_hidden_states)
+
+  def decode(self, decoder_input_ids, decoder_attention_mask, decoder_position_ids,
+             encoder_hidden_states, encoder_attention_mask, deterministic=True,
+             output_attentions=False, output_hidden_states=False, init_cache=False, cache_cross=False):
+    return self.decoder(decoder_input_ids, decoder_attention_mask, decoder_position_ids,
+                        encoder_hidden_states, encoder_attention_mask, deterministic,
+                        output_attentions, output_hidden_states, init_cache, cache_cross)
+
+  def output_embeddings(self):
+    """The [V, E] matrix a tied LM head projects onto: `shared`, or Marian's decoder embedding."""
+    if self.shared is not None:
+      return self.shared.weight
+    return nn.meta.unbox(self.decoder.variables["params"]["embed_tokens"]["weight"])
+
+  def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+               position_ids=None, decoder_position_ids=None, deterministic=True,
+               output_attentions=False, output_hidden_states=False):
+    if self.shared is not None and not self.config.tie_word_embeddings:
+      self.shared.weight  # noqa: B018 -- untied, `shared` is unused but still in the state dict
+    enc = self.encode(input_ids, attention_mask, position_ids, deterministic, output_attentions,
+                      output_hidden_states)
+    dec = self.decode(decoder_input_ids, decoder_attention_mask, decoder_position_ids,
+                      enc.last_hidden_state, attention_mask, deterministic, output_attentions,
+                      output_hidden_states)
+    return O.Seq2SeqModelOutput(
+        last_hidden_state=dec.last_hidden_state, decoder_hidden_states=dec.hidden_states,
+        decoder_attentions=dec.attentions, cross_attentions=dec.cross_attentions,
+        encoder_last_hidden_state=enc.last_hidden_state, encoder_hidden_states=enc.hidden_states,
+        encoder_attentions=enc.attentions)
+
+
+def _seq2seq_fields(out):
+  return {k: getattr(out, k) for k in ("decoder_hidden_states", "decoder_attentions",
+                                       "cross_attentions", "encoder_last_hidden_state",
+                                       "encoder_hidden_states", "encoder_attentions")}
+
+
+class _HeadModule(nn.Module):
+  """A head over `model`; encode/decode run only the part they need."""
+
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.model = BartModule(self.config, self.dtype)
+    self.setup_head()
+
+  def setup_head(self):
+    pass
+
+  def encode(self, *args, **kwargs):
+    return self.model.encode(*args, **kwargs)
+
+  def decode(self, *args, **kwargs):
+    return self.model.decode(*args, **kwargs)
+
+
+class BartForConditionalGenerationModule(_HeadModule):
+  """LM logits: the tied embedding (or `lm_head`) plus the frozen `final_logits_bias` buffer."""
+
+  task = "seq2seq_lm"
+
+  def setup_head(self):
+    c, vocab = self.config, target_vocab_size(self.config)
+    if not c.tie_word_embeddings:
+      self.lm_head = Linear(vocab, ("vocab", "embed"), c.init_std, use_bias=False, dtype=self.dtype)
+    self.final_logits_bias = self.param(
+        "final_logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "vocab")),
+        (1, vocab), jnp.float32)
+
+  def lm_logits(self, x_BxTxE):
+    if self.config.tie_word_embeddings:
+      logits = jnp.einsum("bte,ve->btv", x_BxTxE, self.model.output_embeddings().astype(self.dtype))
+    else:
+      logits = self.lm_head(x_BxTxE)
+    # A buffer in transformers: added, never trained.
+    return (logits + jax.lax.stop_gradient(self.final_logits_bias).astype(self.dtype)).astype(jnp.float32)
+
+  def decode(self, *args, **kwargs):
+    out = self.model.decode(*args, **kwargs)
+    return O.CausalLMOutputWithCrossAttentions(
+        logits=self.lm_logits(out.last_hidden_state), hidden_states=out.hidden_states,
+        attentions=out.attentions, cross_attentions=out.cross_attentions)
+
+  def generation_prefill(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                         decoder_position_ids):
+    """Encodes once, caches every layer's cross-attention keys/values, runs the decoder prompt."""
+    enc = self.model.encode(input_ids, attention_mask, None)
+    return self.decode(decoder_input_ids, decoder_attention_mask, decoder_position_ids,
+                       enc.last_hidden_state, attention_mask, cache_cross=True)
+
+  def __call__(self, *args, **kwargs):
+    out = self.model(*args, **kwargs)
+    return O.Seq2SeqLMOutput(logits=self.lm_logits(out.last_hidden_state), **_seq2seq_fields(out))
+
+
+class BartClassificationHead(nn.Module):
+  """dropout -> dense -> tanh -> dropout -> out_proj, on the last EOS token's decoder state."""
+
+  config: PretrainedConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxE, deterministic):
+    c = self.config
+    drop = nn.Dropout(c.classifier_dropout or 0.0)
+    x = drop(x_BxE, deterministic=deterministic)
+    x = jnp.tanh(Linear(c.d_model, (None, "embed"), c.init_std, dtype=self.dtype, name="dense")(x))
+    x = drop(x, deterministic=deterministic)
+    return Linear(c.num_labels, ("classes", "embed"), c.init_std, dtype=self.dtype, name="out_proj")(x)
+
+
+def last_eos_index(input_ids_BxL, eos_token_id):
+  """Each row's last EOS position (rows are checked to hold the same number of EOS beforehand)."""
+  return jnp.argmax(jnp.arange(input_ids_BxL.shape[-1]) * (input_ids_BxL == eos_token_id), axis=-1)
+
+
+class BartForSequenceClassificationModule(_HeadModule):
+  task = "sequence_classification"
+
+  def setup_head(self):
+    self.classification_head = BartClassificationHead(self.config, self.dtype)
+
+  def __call__(self, input_ids, *args, deterministic=True, **kwargs):
+    out = self.model(input_ids, *args, deterministic=deterministic, **kwargs)
+    x_BxTxE = out.last_hidden_state
+    pooled = x_BxTxE[jnp.arange(x_BxTxE.shape[0]), last_eos_index(input_ids, self.config.eos_token_id)]
+    logits = self.classification_head(pooled, deterministic).astype(jnp.float32)
+    return O.Seq2SeqSequenceClassifierOutput(logits=logits, **_seq2seq_fields(out))
+
+
+class BartForQuestionAnsweringModule(_HeadModule):
+  task = "question_answering"
+
+  def setup_head(self):
+    self.qa_outputs = Linear(2, ("classes", "embed"), self.config.init_std, dtype=self.dtype)
+
+  def __call__(self, *args, **kwargs):
+    out = self.model(*args, **kwargs)
+    logits = self.qa_outputs(out.last_hidden_state).astype(jnp.float32)
+    return O.Seq2SeqQuestionAnsweringModelOutput(start_logits=logits[..., 0],
+                                                 end_logits=logits[..., 1], **_seq2seq_fields(out))
+
+
+def _int(a):
+  return None if a is None else jnp.asarray(a, jnp.int32)
+
+
+def _check_shape(name, arr, want):
+  if arr is not None and tuple(arr.shape) != tuple(want):
+    raise ValueError(f"{name} has shape {tuple(arr.shape)} but must be {tuple(want)}.")
+
+
+def _positions(batch, length, first=0):
+  return jnp.broadcast_to(first + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def _cache_index(cache):
+  """The decoder cache's fill level (a scalar), with a clear error for anything but a cache."""
+  index = [v for k, v in flatten(cache).items() if k.endswith("self_attn.cache_index")] if isinstance(
+      cache, dict) else []
+  if not index:
+    raise ValueError("past_key_values must be the cache from model.init_cache(batch_size, max_length, "
+                     "encoder_outputs) (or a previous decode's outputs.past_key_values).")
+  return index[0]
+
+
+class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
+  """Encoder-decoders with transformers v4's Flax seq2seq calls: `encode`, `decode`, `init_cache`."""
+
+  base_model_prefix = "model"
+  uses_token_type_ids = False
+  # Copies of the tied embedding that checkpoints may carry, and fairseq's version buffers.
+  ignore_on_load = (r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$",
+                    r"(^|\.)(encoder|decoder)\.version$")
+  ignore_on_save = ()  # keys transformers leaves out of its checkpoints (Marian's fixed positions)
+  buffers = ("final_logits_bias",)  # in the state dict, but not parameters in transformers
+
+  def dummy_inputs(self):
+    ids = jnp.zeros(self.input_shape, jnp.int32)
+    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), decoder_input_ids=ids,
+                decoder_attention_mask=jnp.ones_like(ids))
+
+  def num_parameters(self, params=None) -> int:
+    """What transformers' `num_parameters()` counts: every parameter, buffers left out."""
+    shapes = flatten(self.param_shapes()) if params is None else {
+        k: v.shape for k, v in flatten(params).items()}
+    return int(sum(np.prod(s) for k, s in shapes.items() if k not in self.buffers))
+
+  # ---- loading and export ------------------------------------------------------------------------
+  def _params_from_state_dict(self, state, **kwargs):
+    """Fills what transformers fills itself when a checkpoint lacks it, then loads strictly."""
+    expected = flatten(self.param_shapes())
+    prefix = self.base_model_prefix + "."
+    is_head = any(k.startswith(prefix) for k in expected)
+    has_prefix = any(k.startswith(prefix) for k in state)
+    if is_head and not has_prefix:  # a base checkpoint into a head: as the base loader would
+      state = {prefix + k: v for k, v in state.items()}
+    state = dict(state)
+    for k, shape in expected.items():
+      if k in state:
+        continue
+      if k in self.buffers:  # zeros, as transformers initialises the buffer
+        state[k] = np.zeros(shape, np.float32)
+      elif FLAVORS[self.config.model_type].sinusoidal and k.endswith("embed_positions.weight"):
+        state[k] = np.asarray(marian_sinusoidal_init(None, shape))  # transformers does not save it
+    return super()._params_from_state_dict(state, **kwargs)
+
+  def state_dict(self, params=None):
+    """The PyTorch-named state dict as transformers saves it (without the keys it leaves out)."""
+    import re
+    state = super().state_dict(params)
+    return {k: v for k, v in state.items() if not any(re.search(p, k) for p in self.ignore_on_save)}
+
+  # ---- calling -----------------------------------------------------------------------------------
+  def _apply(self, method, params, dropout_rng, train, cache=None, **kwargs):
+    if train and dropout_rng is None:
+      raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...).")
+    variables = {"params": self.params if params is None else params}
+    if cache is not None:
+      variables["cache"] = cache
+    out = self.module.apply(variables, **kwargs, method=method,
+                            rngs={"dropout": dropout_rng} if train else {},
+                            mutable=["cache"] if cache is not None else False)
+    if cache is not None:
+      out, mutated = out
+      out = out.replace(past_key_values=mutated["cache"])
+    return out
+
+  def _default_decoder_inputs(self, input_ids, labels):
+    """decoder_input_ids as transformers derives them: from the labels (LM head), else the inputs."""
+    c = self.config
+    source = labels if labels is not None and self.task == "seq2seq_lm" else input_ids
+    if source is input_ids and c.model_type == "marian":
+      raise ValueError(f"{type(self).__name__} needs decoder_input_ids (Marian does not derive them "
+                       "from input_ids): pass decoder_input_ids, or labels to FlaxMarianMTModel.")
+    if c.model_type == "mbart":
+      return mbart_shift_tokens_right(source, c.pad_token_id)
+    return shift_tokens_right(source, c.pad_token_id, c.decoder_start_token_id)
+
+  def _check_eos(self, input_ids):
+    """BartForSequenceClassification's rule: every row holds the same (non-zero) number of EOS."""
+    if isinstance(input_ids, jax.core.Tracer):
+      return  # under jit the values are unknown; transformers checks them eagerly too
+    counts = np.asarray(input_ids == self.config.eos_token_id).sum(axis=1)
+    if len(np.unique(counts)) > 1:
+      raise ValueError(f"All examples must have the same number of <eos> tokens (eos_token_id="
+                       f"{self.config.eos_token_id}); got {counts.tolist()} per row.")
+    if counts.size and counts[0] == 0:
+      raise ValueError("Each example must contain at least one <eos> token: the classifier reads the "
+                       "decoder state at the last one.")
+
+  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None, position_ids=None, decoder_position_ids=None,
+               params=None, dropout_rng=None, train: bool = False, output_attentions=None,
+               output_hidden_states=None, return_dict=None, labels=None, start_positions=None,
+               end_positions=None):
+    input_ids = _int(input_ids)
+    if input_ids is None or input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, length]; got {None if input_ids is None else input_ids.shape}.")
+    b, l = input_ids.shape
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _int(attention_mask)
+    if decoder_input_ids is None:
+      decoder_input_ids = self._default_decoder_inputs(input_ids, _int(labels))
+    decoder_input_ids = _int(decoder_input_ids)
+    t = decoder_input_ids.shape[1]
+    decoder_attention_mask = (jnp.ones_like(decoder_input_ids) if decoder_attention_mask is None
+                              else _int(decoder_attention_mask))
+    position_ids = _positions(b, l) if position_ids is None else _int(position_ids)
+    decoder_position_ids = (_positions(b, t) if decoder_position_ids is None
+                            else _int(decoder_position_ids))
+    for name, arr, want in (("attention_mask", attention_mask, (b, l)), ("position_ids", position_ids, (b, l)),
+                            ("decoder_input_ids", decoder_input_ids, (b, t)),
+                            ("decoder_attention_mask", decoder_attention_mask, (b, t)),
+                            ("decoder_position_ids", decoder_position_ids, (b, t))):
+      _check_shape(name, arr, want)
+    if self.task == "sequence_classification":
+      self._check_eos(input_ids)
+    outputs = self._apply(
+        None, params, dropout_rng, train, input_ids=input_ids, attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+        position_ids=position_ids, decoder_position_ids=decoder_position_ids, deterministic=not train,
+        output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states))
+    if self.task == "question_answering" and start_positions is not None:
+      labels = (jnp.asarray(start_positions), jnp.asarray(end_positions))
+    if labels is not None:
+      labels = labels if isinstance(labels, tuple) else jnp.asarray(labels)
+      outputs = outputs.replace(loss=losses.compute_loss(self.task, outputs, labels, self.config))
+    return outputs.to_tuple() if return_dict is False else outputs
+
+  def encode(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
+             output_hidden_states=None, return_dict=None, train: bool = False, params=None,
+             dropout_rng=None):
+    """Runs the encoder only; the result feeds `decode` (v4's `encoder_outputs`)."""
+    input_ids = _int(input_ids)
+    b, l = input_ids.shape
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _int(attention_mask)
+    position_ids = _positions(b, l) if position_ids is None else _int(position_ids)
+    _check_shape("attention_mask", attention_mask, (b, l))
+    out = self._apply("encode", params, dropout_rng, train, input_ids=input_ids,
+                      attention_mask=attention_mask, position_ids=position_ids,
+                      deterministic=not train, output_attentions=bool(output_attentions),
+                      output_hidden_states=bool(output_hidden_states))
+    return out.to_tuple() if return_dict is False else out
+
+  def decode(self, decoder_input_ids, encoder_outputs, encoder_attention_mask=None,
+             decoder_attention_mask=None, decoder_position_ids=None, past_key_values=None,
+             output_attentions=None, output_hidden_states=None, return_dict=None,
+             train: bool = False, params=None, dropout_rng=None):
+    """Runs the decoder over `encoder_outputs`; with `past_key_values` (from `init_cache`) it
+    appends to the cache, whose slots `decoder_attention_mask` [batch, max_length] then covers."""
+    ids = _int(decoder_input_ids)
+    b, t = ids.shape
+    encoder_hidden = encoder_outputs  # v4 passes encode()'s output; its first field is the states
+    if hasattr(encoder_outputs, "last_hidden_state"):
+      encoder_hidden = encoder_outputs.last_hidden_state
+    elif isinstance(encoder_outputs, (tuple, list)):
+      encoder_hidden = encoder_outputs[0]
+    first = 0
+    if past_key_values is None:
+      want = (b, t)
+    else:
+      first = _cache_index(past_key_values)
+      want = (b, next(v for k, v in flatten(past_key_values).items()
+                      if k.endswith("self_attn.cached_key")).shape[1])
+    if encoder_hidden is None and past_key_values is None:
+      raise ValueError("decode needs encoder_outputs (from model.encode(...)).")
+    if encoder_attention_mask is None:
+      s = (encoder_hidden.shape[1] if encoder_hidden is not None else next(
+          v for k, v in flatten(past_key_values).items() if k.endswith("encoder_attn.cached_key")).shape[1])
+      encoder_attention_mask = jnp.ones((b, s), jnp.int32)
+    mask = jnp.ones(want, jnp.int32) if decoder_attention_mask is None else _int(decoder_attention_mask)
+    _check_shape("decoder_attention_mask", mask, want)  # with a cache: over every cache slot
+    positions = _positions(b, t, first) if decoder_position_ids is None else _int(decoder_position_ids)
+    out = self._apply("decode", params, dropout_rng, train, cache=past_key_values,
+                      decoder_input_ids=ids, decoder_attention_mask=mask,
+                      decoder_position_ids=positions, encoder_hidden_states=encoder_hidden,
+                      encoder_attention_mask=_int(encoder_attention_mask), deterministic=not train,
+                      output_attentions=bool(output_attentions),
+                      output_hidden_states=bool(output_hidden_states))
+    return out.to_tuple() if return_dict is False else out
+
+  def init_cache(self, batch_size: int, max_length: int, encoder_outputs=None):
+    """A zero self-attention cache of `max_length` slots (shapes from jax.eval_shape, no params made).
+
+    `encoder_outputs` is accepted for transformers v4's signature; the cache does not depend on it.
+    """
+    del encoder_outputs
+    if max_length > self.config.max_position_embeddings:
+      raise ValueError(f"max_length={max_length} exceeds the decoder's max_position_embeddings="
+                       f"{self.config.max_position_embeddings}; generate fewer tokens.")
+    ids = jnp.ones((batch_size, max_length), jnp.int32)
+    enc = jnp.zeros((batch_size, 1, self.config.d_model), self.dtype)
+
+    def cache():
+      return self.module.init(jax.random.key(0), ids, ids, _positions(batch_size, max_length), enc,
+                              jnp.ones((batch_size, 1), jnp.int32), init_cache=True,
+                              method="decode")["cache"]
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
+
+
+class Seq2SeqLM(Seq2SeqPreTrainedModel, GenerationMixin):
+  """The generation hooks of the LM heads (flaxhf.generation drives the loop)."""
+
+  is_encoder_decoder = True
+
+  def max_encoder_positions(self):
+    return self.config.max_position_embeddings
+
+  def _generation_prefill(self, params, ids_NxP, mask_NxP, cache_len, inputs):
+    n, p = ids_NxP.shape
+    mask_NxS = jnp.ones((n, cache_len), jnp.int32).at[:, :p].set(mask_NxP)
+    enc_mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
+    out = self._apply("generation_prefill", params, None, False, cache=self.init_cache(n, cache_len),
+                      input_ids=jnp.asarray(inputs["input_ids"], jnp.int32), attention_mask=enc_mask,
+                      decoder_input_ids=ids_NxP, decoder_attention_mask=mask_NxS,
+                      decoder_position_ids=_positions(n, p))
+    state = {"cache": out.past_key_values, "mask": mask_NxS, "encoder_mask": enc_mask}
+    return out.logits[:, -1], state
+
+  def _generation_step(self, params, tokens_N, state):
+    out = self.decode(tokens_N[:, None], None, encoder_attention_mask=state["encoder_mask"],
+                      decoder_attention_mask=state["mask"], past_key_values=state["cache"],
+                      params=params)
+    return out.logits[:, -1], {**state, "cache": out.past_key_values}
+
+
+# (public-class suffix, module, task); the LM head also generates.
+_HEADS = (("Model", BartModule, None), ("ForConditionalGeneration", BartForConditionalGenerationModule,
+                                         "seq2seq_lm"),
+          ("ForSequenceClassification", BartForSequenceClassificationModule, "sequence_classification"),
+          ("ForQuestionAnswering", BartForQuestionAnsweringModule, "question_answering"))
+
+
+def _family(arch, config_class, module_name, heads):
+  """Flax{arch}PreTrainedModel, then Flax{arch}{suffix} per head, registered for the auto classes."""
+  base = type(f"Flax{arch}PreTrainedModel", (Seq2SeqPreTrainedModel,),
+              dict(config_class=config_class, __module__=module_name))
+  return (base, *(model_class(f"Flax{arch}{suffix}", base, module, task,
+                              mixins=(Seq2SeqLM,) if task == "seq2seq_lm" else ())
+                  for suffix, module, task in heads))
+
+
+(FlaxBartPreTrainedModel, FlaxBartModel, FlaxBartForConditionalGeneration,
+ FlaxBartForSequenceClassification, FlaxBartForQuestionAnswering) = _family(
+     "Bart", BartConfig, __name__, _HEADS)
+# transformers v4 scripts import shift_tokens_right from the model's module (`model.__module__`):
+# flaxhf.models.mbart and flaxhf.models.marian re-export these classes with their own.
+(FlaxMBartPreTrainedModel, FlaxMBartModel, FlaxMBartForConditionalGeneration,
+ FlaxMBartForSequenceClassification, FlaxMBartForQuestionAnswering) = _family(
+     "MBart", MBartConfig, "flaxhf.models.mbart", _HEADS)
+FlaxMarianPreTrainedModel, FlaxMarianModel, FlaxMarianMTModel = _family(
+    "Marian", MarianConfig, "flaxhf.models.marian", (_HEADS[0], ("MTModel",) + _HEADS[1][1:]))
+# transformers' MarianMTModel._keys_to_ignore_on_save: the fixed tables are rebuilt on load.
+FlaxMarianMTModel.ignore_on_save = (r"^model\.(encoder|decoder)\.embed_positions\.weight$",)
