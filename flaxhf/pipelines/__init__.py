@@ -11,6 +11,7 @@ from flaxhf.pipelines.base import Pipeline
 from flaxhf.pipelines.fill_mask import FillMaskPipeline
 from flaxhf.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxhf.pipelines.text_classification import TextClassificationPipeline
+from flaxhf.pipelines.text_generation import TextGenerationPipeline
 from flaxhf.pipelines.token_classification import TokenClassificationPipeline
 
 TASKS = {
@@ -18,6 +19,7 @@ TASKS = {
     "token-classification": (TokenClassificationPipeline, auto.FlaxAutoModelForTokenClassification),
     "question-answering": (QuestionAnsweringPipeline, auto.FlaxAutoModelForQuestionAnswering),
     "fill-mask": (FillMaskPipeline, auto.FlaxAutoModelForMaskedLM),
+    "text-generation": (TextGenerationPipeline, auto.FlaxAutoModelForCausalLM),
 }
 _TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "*.model", "merges.txt")
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
@@ -48,7 +50,8 @@ def pipeline(task: str, model=None, tokenizer=None, *, dtype=jnp.float32, use_fa
   """A pipeline for `task` on a flaxhf model (folder, hub id, or loaded model); kwargs set its defaults.
 
   kwargs: batch_size, pad_to_multiple_of, and the task's call parameters (top_k, aggregation_strategy,
-  doc_stride, targets, ...), which each call may override.
+  doc_stride, targets, ...; for text-generation any GenerationConfig field), which each call may
+  override.
   """
   name = ALIASES.get(task, task)
   if name not in TASKS:
@@ -72,4 +75,4 @@ def pipeline(task: str, model=None, tokenizer=None, *, dtype=jnp.float32, use_fa
 
 
 __all__ = ["pipeline", "Pipeline", "TASKS", "ALIASES", "FillMaskPipeline", "QuestionAnsweringPipeline",
-           "TextClassificationPipeline", "TokenClassificationPipeline"]
+           "TextClassificationPipeline", "TextGenerationPipeline", "TokenClassificationPipeline"]
