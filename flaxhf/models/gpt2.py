@@ -6,6 +6,7 @@ transformers-v4 layout (per attention layer `cached_key`, `cached_value` [B, max
 scalar `cache_index`), so one compiled decode step serves every step of a `lax.while_loop`.
 """
 
+import collections.abc
 import math
 
 import flax.linen as nn
@@ -219,7 +220,7 @@ class GPT2ForQuestionAnsweringModule(GPT2Head, heads.QuestionAnswering):
 def _cache_shape(cache):
   """(batch, max_length) of a cache from init_cache, with a clear error for anything else."""
   keys = [v for k, v in flatten(cache).items() if k.endswith("cached_key")] if isinstance(
-      cache, dict) else []
+      cache, collections.abc.Mapping) else []  # a dict, or a FrozenDict from older Flax code
   if not keys:
     raise ValueError("past_key_values must be the cache from model.init_cache(batch_size, max_length) "
                      "(or a previous call's outputs.past_key_values).")
