@@ -33,6 +33,9 @@ from flaxhf.models.distilbert import (
 from flaxhf.models.gpt2 import (
     FlaxGPT2ForQuestionAnswering, FlaxGPT2ForSequenceClassification, FlaxGPT2ForTokenClassification,
     FlaxGPT2LMHeadModel, FlaxGPT2Model, FlaxGPT2PreTrainedModel)
+from flaxhf.models.t5 import (
+    FlaxMT5EncoderModel, FlaxMT5ForConditionalGeneration, FlaxMT5Model, FlaxMT5PreTrainedModel,
+    FlaxT5EncoderModel, FlaxT5ForConditionalGeneration, FlaxT5Model, FlaxT5PreTrainedModel)
 from flaxhf.pipelines import pipeline
 
 __version__ = "0.1.0"
