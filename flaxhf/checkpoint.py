@@ -213,8 +213,8 @@ class Checkpointer:
     step, self._in_flight = self._in_flight, None
     # Orbax forgets every step after a failed save; what is on disk is still intact.
     self._manager.reload()
-    cause = str(error)
-    cause = cause if len(cause) <= 300 else cause[:300] + " ..."
+    cause = str(error)  # TensorStore puts the OS error (e.g. "No space left") at the end
+    cause = cause if len(cause) <= 300 else cause[:100] + " ... " + cause[-200:]
     return CheckpointSaveError(
         f"Saving checkpoint step {step} in {self.directory} failed ({type(error).__name__}: "
         f"{cause}). The earlier steps {self.all_steps() or '(none)'} are intact; free disk space "
