@@ -1,5 +1,6 @@
 """T5, T5 v1.1 and mT5: parity with transformers both ways, the cache, losses, generate == PyTorch's."""
 
+import copy
 import functools
 
 import jax
@@ -289,19 +290,19 @@ def test_decode_without_cache_and_base_model_decode(lm):
                              np.asarray(out.logits), atol=1e-5)
 
 
-def test_missing_decoder_start_token_is_a_clear_error(tmp_path):
-  config = VARIANTS["t5"]()
+def test_missing_decoder_start_token_is_a_clear_error(lm):
+  config = copy.deepcopy(lm.config)
   del config.decoder_start_token_id
   assert getattr(config, "decoder_start_token_id", None) is None  # as transformers 5's T5Config()
-  model = flaxhf.FlaxT5ForConditionalGeneration(config)
+  model = flaxhf.FlaxT5ForConditionalGeneration(config, _do_init=False)
   ids = np.array([[5, 6, 7]])
   with pytest.raises(ValueError, match="no decoder_start_token_id.*config.decoder_start_token_id = "
                                        "config.pad_token_id"):
-    model(ids, labels=np.array([[4, 5]]))
+    model(ids, labels=np.array([[4, 5]]), params=lm.params)
   with pytest.raises(ValueError, match="decoder_start_token_id"):
-    model.generate(ids, max_new_tokens=2)
+    model.generate(ids, max_new_tokens=2, params=lm.params)
   model.config.decoder_start_token_id = 0
-  assert model(ids, labels=np.array([[4, 5]])).loss.shape == ()
+  assert model(ids, labels=np.array([[4, 5]]), params=lm.params).loss.shape == ()
 
 
 def test_input_errors(lm):
@@ -400,3 +401,89 @@ def test_dropout_and_sharding_specs(lm):
   assert specs[layer + "1.DenseReluDense.wo.weight"] == P("fsdp", "tensor")
   assert specs[layer + "0.layer_norm.weight"] == P("fsdp")
   assert specs["shared.weight"] == specs["lm_head.weight"] == P("tensor", "fsdp")
+
+
+# ---- generate == transformers' generate ------------------------------------------------------------
+# Wider weights than the default init peak the next-token distribution, so no two candidates sit
+# within float rounding of each other and token equality is a fair test.
+GEN_FACTOR = {"t5": 4.0, "t5-v1_1": 4.0}
+
+
+@functools.lru_cache
+def gen_twins(variant):
+  """(PyTorch LM, flaxhf twin) with the same wide random weights, dropout off."""
+  import tempfile
+  # PyTorch's generate sizes its cache by num_layers, so it fails for a deeper decoder: 2 + 2 here.
+  pt = torch_twin(variant, "ForConditionalGeneration", initializer_factor=GEN_FACTOR[variant],
+                  num_decoder_layers=2)
+  path = tempfile.mkdtemp(prefix=f"t5gen-{variant}-")
+  pt.save_pretrained(path)
+  return pt, flaxhf.FlaxAutoModelForSeq2SeqLM.from_pretrained(path)
+
+
+def gen_batch():
+  """Three source rows right-padded to 9 tokens (9, 6 and 3 real), with a task prefix's ids first."""
+  rng = np.random.RandomState(5)
+  ids = rng.randint(2, VOCAB, (3, 9))
+  ids[:, :2] = [11, 12]  # the same "translate ...:" prefix on every row; plain tokens to the model
+  mask = np.ones_like(ids)
+  mask[1, 6:], mask[2, 3:] = 0, 0
+  return {"input_ids": np.where(mask == 1, ids, 0), "attention_mask": mask}
+
+
+def generate_both(variant, **kwargs):
+  pt, fx = gen_twins(variant)
+  batch = gen_batch()
+  with torch.no_grad():
+    want = pt.generate(**{k: torch.tensor(v) for k, v in batch.items()}, **kwargs)
+  got = fx.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+  want_seq = want.sequences if kwargs.get("return_dict_in_generate") else want
+  np.testing.assert_array_equal(np.asarray(got.sequences), want_seq.numpy())
+  return got, want
+
+
+@functools.lru_cache
+def eos_candidates(variant):
+  """Tokens greedy decoding emits early on: as EOS ids they make rows finish at different steps."""
+  pt, _ = gen_twins(variant)
+  batch = gen_batch()
+  with torch.no_grad():
+    seq = pt.generate(**{k: torch.tensor(v) for k, v in batch.items()}, do_sample=False,
+                      max_new_tokens=8, eos_token_id=None).numpy()
+  return [int(seq[0, 3]), int(seq[2, 5])]
+
+
+@pytest.mark.parametrize("variant", list(GEN_FACTOR))
+def test_greedy_equals_transformers(variant):
+  eos = eos_candidates(variant)
+  got, _ = generate_both(variant, do_sample=False, max_new_tokens=12, eos_token_id=eos)
+  seq = np.asarray(got.sequences)
+  assert (seq[:, 0] == 0).all()  # decoding starts from decoder_start_token_id (the pad id)
+  ends = [int(np.argmax(np.isin(r[1:], eos))) if np.isin(r[1:], eos).any() else None for r in seq]
+  assert len(set(ends)) == 3, ends  # rows end at different steps, one not at all
+  if variant == "t5-v1_1":
+    generate_both(variant, do_sample=False, max_new_tokens=12, no_repeat_ngram_size=2)
+
+
+BEAM_CASES = {
+    "early_true": dict(early_stopping=True),
+    "early_false_length_penalty_short": dict(early_stopping=False, length_penalty=-1.0),
+    "early_never_length_penalty_long_no_repeat": dict(early_stopping="never", length_penalty=2.0,
+                                                      no_repeat_ngram_size=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEAM_CASES))
+def test_beam_search_equals_transformers(case):
+  variant = "t5-v1_1"
+  got, want = generate_both(variant, num_beams=4, num_return_sequences=2, max_new_tokens=10,
+                            eos_token_id=eos_candidates(variant), return_dict_in_generate=True,
+                            output_scores=True, **BEAM_CASES[case])
+  np.testing.assert_allclose(np.asarray(got.sequences_scores), want.sequences_scores.numpy(),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got.beam_indices), want.beam_indices.numpy())
+
+
+def test_beam_search_tied_t5_equals_transformers():
+  generate_both("t5", num_beams=3, num_return_sequences=2, max_new_tokens=8,
+                eos_token_id=eos_candidates("t5"), early_stopping=True)
