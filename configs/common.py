@@ -28,8 +28,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.model.tokenizer = placeholder(str)         # defaults to name_or_path
   c.model.dtype = "float32"                    # compute dtype; params stay float32
   c.model.from_scratch = False                 # random init from the checkpoint's config
-  # From scratch without a checkpoint: a config (folder, config.json file, or a model type such as
-  # "gpt2" for transformers' defaults) plus model.tokenizer; overrides as "n_embd=128,n_layer=4".
+  # The model config from a folder, a config.json file or a model type ("gpt2": transformers'
+  # defaults) instead of the checkpoint's; with from_scratch and model.tokenizer no checkpoint is
+  # needed. Overrides as run_clm.py's --config_overrides: "n_embd=128,n_layer=4".
   c.model.config_name = placeholder(str)
   c.model.config_overrides = placeholder(str)
 
