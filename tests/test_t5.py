@@ -390,6 +390,12 @@ def test_dropout_and_sharding_specs(lm):
   assert np.abs(drop1 - eval1).max() > 1e-3 and np.abs(drop1 - drop2).max() > 1e-3
   with pytest.raises(ValueError, match="dropout_rng"):
     lm(**inputs, train=True)
+  bf16 = flaxhf.FlaxT5ForConditionalGeneration(lm.config, dtype=jnp.bfloat16, _do_init=False)
+  got = bf16(**inputs, params=lm.params).logits
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), eval1, atol=0.1 * np.abs(eval1).max())
+  cache = bf16.init_cache(2, 4, bf16.encode(inputs["input_ids"], params=lm.params))
+  assert {v.dtype for v in jax.tree_util.tree_leaves(cache) if v.ndim} == {jnp.dtype(jnp.bfloat16)}
   specs = flatten(sharding.param_partition_specs(lm, "fsdp_tp"))
   assert set(specs) == set(flatten(lm.params))
   P = jax.sharding.PartitionSpec

@@ -100,15 +100,12 @@ class T5DenseActDense(nn.Module):
   def __call__(self, x_BxTxD, deterministic):
     c, f = self.config, self.config.initializer_factor
     act = get_activation(c.dense_act_fn)
-    wi_std = f * c.d_model ** -0.5
-    if c.is_gated_act:
-      h = act(Linear(c.d_ff, ("mlp", "embed"), wi_std, use_bias=False, dtype=self.dtype,
-                     name="wi_0")(x_BxTxD))
-      h = h * Linear(c.d_ff, ("mlp", "embed"), wi_std, use_bias=False, dtype=self.dtype,
-                     name="wi_1")(x_BxTxD)
-    else:
-      h = act(Linear(c.d_ff, ("mlp", "embed"), wi_std, use_bias=False, dtype=self.dtype,
-                     name="wi")(x_BxTxD))
+
+    def wi(name):
+      return Linear(c.d_ff, ("mlp", "embed"), f * c.d_model ** -0.5, use_bias=False,
+                    dtype=self.dtype, name=name)(x_BxTxD)
+
+    h = act(wi("wi_0")) * wi("wi_1") if c.is_gated_act else act(wi("wi"))
     h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     return Linear(c.d_model, ("embed", "mlp"), f * c.d_ff ** -0.5, use_bias=False, dtype=self.dtype,
                   name="wo")(h)
