@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import flaxhf
 from flaxhf.models import bart
-from flaxhf.models.base import REGISTRY, flatten
+from flaxhf.models.base import REGISTRY, flatten, unflatten
 
 VOCAB = 99
 COMMON = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
@@ -81,6 +81,14 @@ def make_inputs(c, task, batch=2, length=9, target=6, seed=0):
                                            c.pad_token_id)
     inputs["decoder_attention_mask"] = dec_mask
   return inputs
+
+
+def twin(auto_or_class, pt):
+  """The flaxhf model with `pt`'s weights (built without an init of its own: no compile)."""
+  model = auto_or_class.from_config(pt.config, _do_init=False) if hasattr(
+      auto_or_class, "model_class_for") else auto_or_class(pt.config, _do_init=False)
+  model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
+  return model
 
 
 def torch_outputs(model, inputs, **kwargs):
@@ -182,18 +190,21 @@ def test_labels_loss_matches_torch(variant):
   labels[1, -2:] = -100
   inputs.pop("decoder_attention_mask")
   want = torch_outputs(pt, inputs, labels=torch.tensor(labels))
-  model = flaxhf.FlaxAutoModelForSeq2SeqLM.from_config(pt.config)
-  model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
+  model = twin(flaxhf.FlaxAutoModelForSeq2SeqLM, pt)
   got = model(**inputs, labels=labels)
   np.testing.assert_allclose(float(got.loss), float(want.loss), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got.logits), want.logits.numpy(), atol=1e-5, rtol=1e-5)
   assert float(got.loss) > 1.0
 
-  grads = flatten(jax.grad(lambda p: model(**inputs, labels=labels, params=p).loss)(model.params))
-  assert not np.any(grads["final_logits_bias"])
-  assert np.any(grads["model.decoder.layers.0.fc1.weight"])
-  if variant == "marian":
-    assert not np.any(grads["model.encoder.embed_positions.weight"])
+  if variant == "marian":  # the buffer and the frozen tables get no gradient, as in transformers
+    flat = flatten(model.params)
+    keys = ["final_logits_bias", "model.encoder.embed_positions.weight",
+            "model.decoder.layers.1.final_layer_norm.weight"]  # the last: a trained control
+
+    def loss(sub):
+      return model(**inputs, labels=labels, params=unflatten({**flat, **sub}, model.params)).loss
+    grads = jax.grad(loss)({k: flat[k] for k in keys})
+    assert not np.any(grads[keys[0]]) and not np.any(grads[keys[1]]) and np.any(grads[keys[2]])
 
 
 def test_shift_tokens_right_matches_transformers():
@@ -220,73 +231,63 @@ def test_shift_tokens_right_matches_transformers():
 
 @functools.lru_cache
 def own_model(variant):
-  """A tiny random flaxhf LM with its own init (wide enough that logits differ clearly)."""
-  return flaxhf.FlaxAutoModelForSeq2SeqLM.from_config(config(variant, init_std=0.1), seed=1)
+  """A tiny random LM, wide enough that logits differ clearly (flaxhf's own init is tested above)."""
+  return twin(flaxhf.FlaxAutoModelForSeq2SeqLM, torch_model(variant, "seq2seq_lm", seed=1,
+                                                            init_std=0.1))
 
 
 @pytest.mark.parametrize("variant", ["bart", "mbart", "marian-unshared"])
 def test_cached_decoding_matches_full_forward(variant):
-  """encode + init_cache + decode (a 3-token prompt, single tokens, a chunk of 2) under jit ==
-  one full pass; generation's prefill/step (cross-attention keys/values cached once) == too."""
+  """encode + init_cache + decode (a 3-token prompt, then single tokens) == one full pass; so
+  does generation's prefill/step, which caches the cross-attention keys/values once."""
   model = own_model(variant)
-  c = model.config
-  inputs = make_inputs(c, "seq2seq_lm", batch=2, length=7, target=8, seed=1)
+  inputs = make_inputs(model.config, "seq2seq_lm", batch=2, length=7, target=8, seed=1)
   enc_ids, enc_mask, dec = inputs["input_ids"], inputs["attention_mask"], inputs["decoder_input_ids"]
   full = np.asarray(model(enc_ids, attention_mask=enc_mask, decoder_input_ids=dec).logits)
   max_length = 10
+
   enc = model.encode(enc_ids, attention_mask=enc_mask)
-
-  @jax.jit
-  def step(params, cache, ids):
-    out = model.decode(ids, enc, encoder_attention_mask=enc_mask, past_key_values=cache, params=params)
-    return out.logits, out.past_key_values
-
   cache = model.init_cache(2, max_length, enc)
   got = []
-  for a, b in [(0, 3), (3, 4), (4, 5), (5, 6), (6, 8)]:
-    logits, cache = step(model.params, cache, dec[:, a:b])
-    got.append(np.asarray(logits))
+  for a, b in [(0, 3)] + [(t, t + 1) for t in range(3, 8)]:
+    out = model.decode(dec[:, a:b], enc, encoder_attention_mask=enc_mask, past_key_values=cache)
+    got.append(np.asarray(out.logits))
+    cache = out.past_key_values
   np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-5, rtol=1e-5)
   assert int(flatten(cache)["model.decoder.layers.1.self_attn.cache_index"]) == 8
   assert not any("encoder_attn" in k for k in flatten(cache))  # v4's cache: self-attention only
 
-  # Generation's path: the prefill caches the encoder's keys/values; steps never project them, so
-  # the step gives the same logits with encoder_attn.k_proj/v_proj replaced by NaN.
+  # Generation's path: the prefill caches the encoder's keys/values; the steps never project them
+  # again, so they give the same logits with encoder_attn.k_proj/v_proj set to NaN.
   n, p = 2, 3
-  logits, state = jax.jit(lambda prm: model._generation_prefill(
-      prm, jnp.asarray(dec[:, :p]), jnp.ones((n, p), jnp.int32), max_length,
-      {"input_ids": enc_ids, "attention_mask": enc_mask}))(model.params)
+  logits, state = model._generation_prefill(
+      model.params, jnp.asarray(dec[:, :p]), jnp.ones((n, p), jnp.int32), max_length,
+      {"input_ids": enc_ids, "attention_mask": enc_mask})
   np.testing.assert_allclose(np.asarray(logits), full[:, p - 1], atol=1e-5, rtol=1e-5)
   cross = flatten(state["cache"])["model.decoder.layers.0.encoder_attn.cached_key"]
   assert cross.shape == (n, enc_ids.shape[1], 4, 8)
   poisoned = {k: (np.full_like(v, np.nan) if "encoder_attn.k_proj" in k or "encoder_attn.v_proj" in k
                   else v) for k, v in flatten(model.params).items()}
   poisoned = model._params_from_state_dict(poisoned)
-  run = jax.jit(model._generation_step)
-  for t in range(p, 8):
+  run = model._generation_step  # generate runs it under jit (the generate tests below)
+  for t in range(p, 7):
     logits, state = run(poisoned, jnp.asarray(dec[:, t]), state)
     np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-5, rtol=1e-5)
-
   # Beam search reorders every array with a row axis; decoding follows the reordered rows.
   swapped = jax.tree_util.tree_map(lambda x: x[::-1] if x.ndim else x, state)
-  extra = np.array([5, 6])
-  logits, _ = run(model.params, jnp.asarray(extra[::-1]), swapped)
-  want = np.asarray(model(enc_ids, attention_mask=enc_mask,
-                          decoder_input_ids=np.concatenate([dec, extra[:, None]], 1)).logits)[:, -1]
-  np.testing.assert_allclose(np.asarray(logits)[::-1], want, atol=1e-5, rtol=1e-5)
+  logits, _ = run(poisoned, jnp.asarray(dec[::-1, 7]), swapped)
+  np.testing.assert_allclose(np.asarray(logits), full[::-1, 7], atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_classification_reads_the_last_eos(tmp_path):
   pt = torch_model("bart", "sequence_classification")
-  model = flaxhf.FlaxBartForSequenceClassification(pt.config)
-  model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
+  model = twin(flaxhf.FlaxBartForSequenceClassification, pt)
   ids = np.array([[5, 2, 7, 8, 2, 1], [9, 2, 4, 2, 1, 1]])  # two EOS per row, the last at 4 and 3
   inputs = {"input_ids": ids, "attention_mask": (ids != 1).astype(np.int64)}
-  np.testing.assert_allclose(np.asarray(model(**inputs).logits), torch_outputs(pt, inputs).logits.numpy(),
-                             atol=1e-5)
   labels = np.array([0, 2])
-  np.testing.assert_allclose(float(model(**inputs, labels=labels).loss),
-                             float(torch_outputs(pt, inputs, labels=torch.tensor(labels)).loss), rtol=1e-5)
+  got, want = model(**inputs, labels=labels), torch_outputs(pt, inputs, labels=torch.tensor(labels))
+  np.testing.assert_allclose(np.asarray(got.logits), want.logits.numpy(), atol=1e-5)
+  np.testing.assert_allclose(float(got.loss), float(want.loss), rtol=1e-5)
   ragged = ids.copy()
   ragged[0, 1] = 6  # one EOS in row 0, two in row 1
   with pytest.raises(ValueError, match="same number of <eos> tokens"):
@@ -299,26 +300,26 @@ def test_sequence_classification_reads_the_last_eos(tmp_path):
 
 def test_input_errors():
   model = own_model("bart")
-  marian = flaxhf.FlaxMarianModel(config("marian"))
+  marian = flaxhf.FlaxMarianModel(config("marian"), _do_init=False)
   ids = np.array([[5, 6, 2]])
   with pytest.raises(ValueError, match="needs decoder_input_ids"):
     marian(ids)
+  enc = jnp.zeros((1, 3, 32))
   with pytest.raises(ValueError, match=r"decoder_attention_mask has shape \(1, 3\) but must be \(1, 8\)"):
-    model.decode(ids, model.encode(ids), past_key_values=model.init_cache(1, 8),
-                 decoder_attention_mask=np.ones((1, 3)))
+    model.decode(ids, enc, past_key_values=model.init_cache(1, 8), decoder_attention_mask=np.ones((1, 3)))
   with pytest.raises(ValueError, match="past_key_values must be the cache from model.init_cache"):
-    model.decode(ids, model.encode(ids), past_key_values={"x": np.zeros(2)})
+    model.decode(ids, enc, past_key_values={"x": np.zeros(2)})
+  with pytest.raises(ValueError, match="decode needs encoder_outputs"):
+    model.decode(ids, None)
   with pytest.raises(ValueError, match="max_position_embeddings=64"):
     model.init_cache(1, 65)
   with pytest.raises(ValueError, match="dropout_rng"):
     model(ids, train=True)
   with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 2\)"):
     model(ids, attention_mask=np.ones((1, 2)))
-  # Dropout: seeded, and different from eval.
-  a = model(ids, train=True, dropout_rng=jax.random.key(0)).logits
-  b = model(ids, train=True, dropout_rng=jax.random.key(0)).logits
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert np.abs(np.asarray(a) - np.asarray(model(ids).logits)).max() > 1e-3
+  # train=True applies dropout (BART's config has dropout 0.1).
+  trained = model(ids, train=True, dropout_rng=jax.random.key(0)).logits
+  assert np.abs(np.asarray(trained) - np.asarray(model(ids).logits)).max() > 1e-3
 
 
 def test_v4_mappings():
@@ -342,8 +343,7 @@ def gen_twins(arch):
   torch.manual_seed(0)
   c = ARCHS[arch](init_std=0.3, **GEN_ARCHS[arch])
   pt = transformers.AutoModelForSeq2SeqLM.from_config(c).eval()
-  fx = flaxhf.FlaxAutoModelForSeq2SeqLM.from_config(c)
-  fx.params = fx._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
+  fx = twin(flaxhf.FlaxAutoModelForSeq2SeqLM, pt)
   # Ragged sources, right-padded with the pad id as tokenizers pad them.
   rng = np.random.RandomState(1)
   lengths = (9, 4, 6)
