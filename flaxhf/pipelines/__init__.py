@@ -10,6 +10,8 @@ from flaxhf.models.base import FlaxPreTrainedModel
 from flaxhf.pipelines.base import Pipeline
 from flaxhf.pipelines.fill_mask import FillMaskPipeline
 from flaxhf.pipelines.question_answering import QuestionAnsweringPipeline
+from flaxhf.pipelines.text2text import (SummarizationPipeline, Text2TextGenerationPipeline,
+                                        TranslationPipeline, parse_translation_task)
 from flaxhf.pipelines.text_classification import TextClassificationPipeline
 from flaxhf.pipelines.text_generation import TextGenerationPipeline
 from flaxhf.pipelines.token_classification import TokenClassificationPipeline
@@ -20,6 +22,9 @@ TASKS = {
     "question-answering": (QuestionAnsweringPipeline, auto.FlaxAutoModelForQuestionAnswering),
     "fill-mask": (FillMaskPipeline, auto.FlaxAutoModelForMaskedLM),
     "text-generation": (TextGenerationPipeline, auto.FlaxAutoModelForCausalLM),
+    "text2text-generation": (Text2TextGenerationPipeline, auto.FlaxAutoModelForSeq2SeqLM),
+    "summarization": (SummarizationPipeline, auto.FlaxAutoModelForSeq2SeqLM),
+    "translation": (TranslationPipeline, auto.FlaxAutoModelForSeq2SeqLM),
 }
 _TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "*.model", "merges.txt")
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
@@ -54,8 +59,12 @@ def pipeline(task: str, model=None, tokenizer=None, *, dtype=jnp.float32, use_fa
   override.
   """
   name = ALIASES.get(task, task)
+  if name.startswith("translation_"):  # v4's translation_XX_to_YY: the direction, checked before loading
+    parse_translation_task(name)
+    kwargs["task"], name = name, "translation"
   if name not in TASKS:
-    raise ValueError(f"Unknown task {task!r}. flaxhf pipelines support: {sorted(TASKS)} (aliases: "
+    raise ValueError(f"Unknown task {task!r}. flaxhf pipelines support: {sorted(TASKS)}, "
+                     f"translation_XX_to_YY (aliases: "
                      f"{', '.join(f'{a} -> {t}' for a, t in sorted(ALIASES.items()))}).")
   pipeline_class, auto_class = TASKS[name]
   if model is None:
@@ -75,4 +84,5 @@ def pipeline(task: str, model=None, tokenizer=None, *, dtype=jnp.float32, use_fa
 
 
 __all__ = ["pipeline", "Pipeline", "TASKS", "ALIASES", "FillMaskPipeline", "QuestionAnsweringPipeline",
-           "TextClassificationPipeline", "TextGenerationPipeline", "TokenClassificationPipeline"]
+           "SummarizationPipeline", "Text2TextGenerationPipeline", "TextClassificationPipeline",
+           "TextGenerationPipeline", "TokenClassificationPipeline", "TranslationPipeline"]
