@@ -12,6 +12,10 @@ A family supplies only what differs, as two methods (decoder-only defaults below
 The loop (flaxhf.generation.search) never leaves the compiled program. A program is compiled per
 (batch, prompt bucket, new tokens, beams, strategy, processors on); values that change per call
 (temperature, top-k/p, penalties, lengths, special ids) are traced arrays, so they do not recompile.
+
+Called inside jit or pmap (v4 scripts pmap a `generate_step`), `generate` traces into the caller's
+program instead; `sequences` then keep their static [batch, max_length] shape, padded after each
+row's end as v4's Flax generate returns them (there is no host step to crop them).
 """
 
 import copy
@@ -113,7 +117,11 @@ class GenerationMixin:
     if logits_processor is not None:
       raise ValueError("logits_processor= is not supported: flaxhf's processors are compiled into "
                        "the decode loop; use the GenerationConfig settings instead.")
-    input_ids = np.asarray(input_ids)
+    weights = self.__dict__.get("_params") if params is None else params
+    in_trace = any(isinstance(x, jax.core.Tracer) for x in (
+        input_ids, attention_mask, *jax.tree_util.tree_leaves(weights)[:1]))
+    xp = jnp if in_trace else np  # traced inputs stay jax arrays; the layout code is the same
+    input_ids = jnp.asarray(input_ids) if in_trace else np.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}.")
     config, default_max_length = gconfig.resolve(self, generation_config, kwargs)
@@ -126,14 +134,14 @@ class GenerationMixin:
                     "as the pad token, as transformers does. Pass attention_mask (and pad_token_id) "
                     "for reliable results.", eos[0])
       pad_id = eos[0]
-    attention_mask = _input_mask(input_ids, attention_mask, pad_id, eos)
+    attention_mask = _input_mask(input_ids, attention_mask, pad_id, eos, xp)
     if self.is_encoder_decoder:
-      prompt, extra = self._decoder_prompt(config, input_ids, attention_mask, decoder_input_ids)
+      prompt, extra = self._decoder_prompt(config, input_ids, attention_mask, decoder_input_ids, xp)
       positions = self._max_positions()
     else:
       if decoder_input_ids is not None:
         raise ValueError(f"{type(self).__name__} is decoder-only: it takes no decoder_input_ids.")
-      if input_ids.shape[0] > 1 and (attention_mask[:, -1] == 0).any():
+      if not in_trace and input_ids.shape[0] > 1 and (attention_mask[:, -1] == 0).any():
         log.warning("Right padding in a decoder-only prompt: pad on the left "
                     "(tokenizer.padding_side='left') for correct generation.")
       prompt, extra, positions = input_ids.astype(np.int32), {}, self._max_positions()
@@ -145,18 +153,21 @@ class GenerationMixin:
     expand = max(num_beams, n_return)
     fill = (pad_id or (eos[0] if eos else None)) if eos else -1
     fill = -1 if fill is None else fill
-    ids = np.repeat(prompt, expand, axis=0)
-    mask = np.repeat(prompt_mask, expand, axis=0)
+    ids = xp.repeat(prompt, expand, axis=0)
+    mask = xp.repeat(prompt_mask, expand, axis=0)
     runner = _Runner(self, config, prompt_len, num_beams, n_return, mask, positions)
     # Host-side layout: the model's prompt left-padded (masked) to the bucket; the output buffer
     # holds the prompt as given, then the new tokens.
     pad_cols = runner.bucket - prompt_len
-    ids_in = np.pad(ids, ((0, 0), (pad_cols, 0)))
-    mask_in = np.pad(mask, ((0, 0), (pad_cols, 0)))
-    sequences = np.full((ids.shape[0], runner.bucket + runner.max_new),
+    ids_in = xp.pad(ids, ((0, 0), (pad_cols, 0)))
+    mask_in = xp.pad(mask, ((0, 0), (pad_cols, 0)))
+    sequences = xp.full((ids.shape[0], runner.bucket + runner.max_new),
                         fill if num_beams > 1 else (pad_id if pad_id is not None else 0), np.int32)
-    sequences[:, :prompt_len] = ids
-    extra = {k: np.repeat(np.asarray(v), expand, axis=0) for k, v in extra.items()}
+    if in_trace:
+      sequences = sequences.at[:, :prompt_len].set(ids)
+    else:
+      sequences[:, :prompt_len] = ids
+    extra = {k: xp.repeat(xp.asarray(v), expand, axis=0) for k, v in extra.items()}
     rng = prng_key if prng_key is not None else jax.random.key(0)
     if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jnp.unsignedinteger):
       rng = jax.random.wrap_key_data(rng)  # a v4-style raw PRNGKey
@@ -168,9 +179,14 @@ class GenerationMixin:
     run = runner.program(trace)
     out = run(self.params if params is None else params, ids_in, mask_in, sequences, extra, traced,
               rng)
+    if in_trace:  # no host step: v4's static [batch, max_length], padded after each row's end
+      if runner.output_scores:
+        raise ValueError("output_scores=True is not supported inside jit/pmap (scores are cropped "
+                         "on the host): call generate outside the traced function for them.")
+      return GenerateOutput(sequences=out["sequences"][:, :int(config.max_length)])
     return runner.finish(out, config)
 
-  def _decoder_prompt(self, config, input_ids, attention_mask, decoder_input_ids):
+  def _decoder_prompt(self, config, input_ids, attention_mask, decoder_input_ids, xp=np):
     """(decoder prompt [B, P], encoder inputs padded on the right to a length bucket)."""
     start = config.decoder_start_token_id
     if start is None:
@@ -193,20 +209,20 @@ class GenerationMixin:
     length = input_ids.shape[1]
     enc_len = prompt_bucket(length, getattr(self, "max_encoder_positions", lambda: None)())
     # Right padding is masked out of attention; the encoder's real positions do not move.
-    extra = {"input_ids": np.pad(input_ids.astype(np.int32), ((0, 0), (0, enc_len - length)),
+    extra = {"input_ids": xp.pad(input_ids.astype(np.int32), ((0, 0), (0, enc_len - length)),
                                  constant_values=int(config.pad_token_id or 0)),
-             "attention_mask": np.pad(attention_mask, ((0, 0), (0, enc_len - length)))}
+             "attention_mask": xp.pad(attention_mask, ((0, 0), (0, enc_len - length)))}
     return prompt, extra
 
 
-def _input_mask(input_ids, attention_mask, pad_id, eos):
+def _input_mask(input_ids, attention_mask, pad_id, eos, xp=np):
   """The attention mask, by transformers' rule when not given: the pad token marks padding unless
   it is also the EOS token."""
   if attention_mask is None:
-    if pad_id is not None and pad_id not in eos and (input_ids == pad_id).any():
+    if pad_id is not None and pad_id not in eos:  # (no pad token in the ids: all ones)
       return (input_ids != pad_id).astype(np.int32)
-    return np.ones(input_ids.shape, np.int32)
-  attention_mask = np.asarray(attention_mask, np.int32)
+    return xp.ones(input_ids.shape, np.int32)
+  attention_mask = xp.asarray(attention_mask, np.int32)
   if attention_mask.shape != input_ids.shape:
     raise ValueError(f"attention_mask has shape {attention_mask.shape} but input_ids has "
                      f"{input_ids.shape}; they must match.")

@@ -147,7 +147,9 @@ def build(generation_config, *, prompt_len: int, vocab_size: int, do_sample: Opt
   if attention_mask is None:
     values["prompt_pad_len"] = i32(0)
   else:
-    mask = np.asarray(attention_mask)
+    mask = attention_mask  # a tracer inside jit/pmap; otherwise host arrays
+    if not isinstance(mask, jax.core.Tracer):
+      mask = np.asarray(mask)
     if mask.ndim != 2 or mask.shape[1] != prompt_len:
       raise ValueError(f"attention_mask must be [rows, prompt_len={prompt_len}], got {mask.shape}.")
     # transformers' prompt_ignore_length: the slots before each row's first unmasked one.
