@@ -4,6 +4,8 @@ Each function reproduces its usual reference (sklearn, scipy, seqeval, the offic
 to float precision, so scores compare with published numbers without those packages at run time.
 Classification metrics take `weights`: examples with weight 0 (padding) are dropped before anything
 is computed, so the result equals the reference run on the unpadded examples.
+Generated-text metrics (BLEU, chrF, ROUGE) are the exception: the last section wraps sacrebleu and
+rouge-score themselves, so the scores are those packages' own.
 """
 
 import collections
@@ -423,3 +425,73 @@ def squad_v2_metrics(predictions: Mapping[str, str], references: Mapping[str, Se
       out[f"best_{name}"], out[f"best_{name}_thresh"] = _best_threshold(predictions, scores, probs,
                                                                         has_answer)
   return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Generated text: BLEU and chrF (sacrebleu), ROUGE (rouge-score). Unlike the metrics above these
+# call the reference packages themselves (imported here only, so a version bump touches one place).
+
+# Abbreviations whose period does not end a sentence. nltk's trained English Punkt model (what
+# run_summarization's nltk.sent_tokenize loads) needs a download; an untrained PunktSentenceTokenizer
+# works offline but splits after every "Mr." and "p.m.". Seeding it with these gives the English
+# model's split on such text, with no data files.
+SENTENCE_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "mt", "vs", "etc", "e.g", "i.e", "a.m", "p.m",
+    "u.s", "u.k", "inc", "ltd", "co", "corp", "dept", "approx", "jan", "feb", "mar", "apr", "jun",
+    "jul", "aug", "sep", "sept", "oct", "nov", "dec"})
+_sentence_splitter = None
+
+
+def split_sentences(text: str) -> List[str]:
+  """Sentences of `text` by Punkt (nltk's algorithm) with SENTENCE_ABBREVIATIONS, offline."""
+  global _sentence_splitter
+  if _sentence_splitter is None:
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    params = PunktParameters()
+    params.abbrev_types = set(SENTENCE_ABBREVIATIONS)
+    _sentence_splitter = PunktSentenceTokenizer(params)
+  return _sentence_splitter.tokenize(text)
+
+
+def _references(predictions: Sequence[str], references) -> List[List[str]]:
+  """References as one list of strings per prediction (a bare string is one reference)."""
+  refs = [[r] if isinstance(r, str) else list(r) for r in references]
+  if len(refs) != len(predictions):
+    raise ValueError(f"Length mismatch: {len(predictions)} predictions but {len(refs)} references.")
+  if not refs:
+    raise ValueError("No predictions to score.")
+  if len({len(r) for r in refs}) > 1:
+    raise ValueError("Every prediction needs the same number of references (sacrebleu's layout).")
+  return refs
+
+
+def bleu(predictions: Sequence[str], references) -> Dict[str, float]:
+  """sacrebleu's corpus BLEU (13a tokenization, as run_translation's evaluate "sacrebleu") and chrF,
+  on detokenized text; `references[i]` is a string or a list of strings."""
+  import sacrebleu
+  refs = _references(predictions, references)
+  streams = [list(r) for r in zip(*refs)]  # sacrebleu wants one stream per reference position
+  preds = [p.strip() for p in predictions]
+  result = sacrebleu.corpus_bleu(preds, streams)
+  return {"bleu": float(result.score), "chrf": float(sacrebleu.corpus_chrf(preds, streams).score),
+          "bleu_brevity_penalty": float(result.bp)}
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge(predictions: Sequence[str], references, use_stemmer: bool = True) -> Dict[str, float]:
+  """ROUGE-1/2/L/Lsum F-measures x 100 (rouge-score, Porter stemming as run_summarization asks),
+  the mean over examples; Lsum sees one sentence per line (split_sentences), as run_summarization
+  feeds it. (HF's `evaluate` reports a bootstrap median of the same scores: equal up to its noise.)
+  With several references per example, each example takes its best-scoring reference."""
+  from rouge_score import rouge_scorer
+  refs = _references(predictions, references)
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+  lines = lambda t: "\n".join(split_sentences(t.strip()))  # noqa: E731
+  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+  for pred, options in zip(predictions, refs):
+    scores = [scorer.score(lines(r), lines(pred)) for r in options]
+    for k in ROUGE_TYPES:
+      totals[k] += max(s[k].fmeasure for s in scores)
+  return {k: 100.0 * v / len(refs) for k, v in totals.items()}
