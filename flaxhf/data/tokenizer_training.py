@@ -1,0 +1,126 @@
+"""Trains a subword tokenizer on local text and saves it as a transformers tokenizer folder.
+
+No pretrained seq2seq tokenizer is reachable offline, so a from-scratch translation or summarization
+run trains its own: a Unigram model (sentencepiece's algorithm, as T5 and Marian use) or byte-level
+BPE (as BART and mBART use), with the special tokens laid out as the family expects:
+  t5, marian:  <pad>=0 </s>=1 <unk>=2; every text ends with </s> (no BOS).
+  bart, mbart: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4; texts are <s> ... </s>.
+mBART's language codes (e.g. "en_XX,ro_RO") become extra special tokens after those.
+The folder loads with `AutoTokenizer.from_pretrained` as a `PreTrainedTokenizerFast`.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterable, List, Optional, Sequence
+
+FAMILIES = ("t5", "marian", "bart", "mbart")
+LAYOUTS = {
+    "t5": dict(pad="<pad>", eos="</s>", unk="<unk>", bos=None, mask=None),
+    "bart": dict(bos="<s>", pad="<pad>", eos="</s>", unk="<unk>", mask="<mask>"),
+}
+
+
+def _layout(family: str) -> dict:
+  if family not in FAMILIES:
+    raise ValueError(f"Unknown tokenizer family {family!r}; choose one of {FAMILIES}.")
+  return LAYOUTS["t5" if family in ("t5", "marian") else "bart"]
+
+
+def special_tokens(family: str, lang_codes: Sequence[str] = ()) -> List[str]:
+  """The special tokens in id order (ids 0, 1, 2, ...), language codes last."""
+  layout = _layout(family)
+  order = ("pad", "eos", "unk") if layout["bos"] is None else ("bos", "pad", "eos", "unk", "mask")
+  return [layout[k] for k in order] + list(lang_codes)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str, family: str = "t5", vocab_size: int = 4000,
+                    lang_codes: Sequence[str] = (), model_max_length: int = 1024):
+  """Trains on `texts`, saves a transformers tokenizer folder to `out_dir`, returns the tokenizer."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  layout, specials = _layout(family), special_tokens(family, lang_codes)
+  if family in ("t5", "marian"):
+    # Unigram over metaspace-marked words, as sentencepiece: "▁" marks a word start, so decoding
+    # restores the spaces exactly.
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      unk_token=layout["unk"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {layout['eos']}", pair=f"$A {layout['eos']} $B {layout['eos']}",
+        special_tokens=[(layout["eos"], specials.index(layout["eos"]))])
+  else:
+    tok = Tokenizer(models.BPE(unk_token=layout["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos, eos = layout["bos"], layout["eos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, specials.index(bos)), (eos, specials.index(eos))])
+  names = {f"{k}_token": v for k, v in layout.items() if v is not None}
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
+                                 additional_special_tokens=list(lang_codes) or None, **names)
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return fast
+
+
+def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
+               max_rows: Optional[int] = None) -> List[str]:
+  """Texts to train on from a JSON-lines file: each named field of each row ("translation.en" reads
+  row["translation"]["en"]), rows [skip_rows, skip_rows + max_rows); a plain text file gives its
+  non-blank lines."""
+  texts = []
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  lines = lines[skip_rows:None if max_rows is None else skip_rows + max_rows]
+  if not path.endswith((".json", ".jsonl")):
+    return [line.rstrip("\n") for line in lines]
+  for n, line in enumerate(lines, skip_rows + 1):
+    row = json.loads(line)
+    for field in fields:
+      value = row
+      for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+          raise ValueError(f"{path} line {n} has no field {field!r} (keys: {sorted(row)}).")
+        value = value[key]
+      if isinstance(value, str) and value.strip():
+        texts.append(value)
+  if not texts:
+    raise ValueError(f"{path}: no text in fields {list(fields)}.")
+  return texts
+
+
+def cached_tokenizer_dir(path: str, fields: Sequence[str], family: str, vocab_size: int,
+                         lang_codes: Sequence[str] = (), skip_rows: int = 0,
+                         max_rows: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
+  """A tokenizer trained on `path`'s fields (rows from skip_rows on: a held-out head stays unseen),
+  built once per (file, fields, family, size, rows) and cached."""
+  cache_dir = cache_dir or os.environ.get("FLAXHF_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "flaxhf")
+  stat = os.stat(path)
+  key = json.dumps([os.path.abspath(path), stat.st_size, int(stat.st_mtime), list(fields), family,
+                    vocab_size, list(lang_codes), skip_rows, max_rows])
+  out = os.path.join(cache_dir, f"{family}-tokenizer-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+  if os.path.isfile(os.path.join(out, "tokenizer.json")):
+    return out
+  texts = read_texts(path, fields, skip_rows, max_rows)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=cache_dir)  # renamed when complete: concurrent builders never see half
+  train_tokenizer(texts, tmp, family, vocab_size, lang_codes)
+  try:
+    os.rename(tmp, out)
+  except OSError:  # another process finished first
+    if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+      raise
+  return out
