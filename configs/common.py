@@ -126,3 +126,94 @@ def apply_common_args(c, flags, values, known_flags):
   if "steps" in values:
     c.train.steps = int(values["steps"])
   return c
+
+
+# ---- seq2seq (translation, summarization) --------------------------------------------------------
+# Small from-scratch models per family (model.config_name = the family's model type): LOCAL for the
+# documented offline runs, SMOKE for seconds-long ones. decoder_start / pad / eos ids come from the
+# tokenizer (the task sets them), so the overrides only size the network.
+_BART_LIKE = ("d_model={d},encoder_layers={n},decoder_layers={n},encoder_attention_heads=4,"
+              "decoder_attention_heads=4,encoder_ffn_dim={f},decoder_ffn_dim={f},"
+              "max_position_embeddings={p}")
+_T5 = "d_model={d},d_ff={f},d_kv={k},num_heads=4,num_layers={n},num_decoder_layers={n}"
+SEQ2SEQ_FAMILIES = ("t5", "bart", "marian")
+
+
+def seq2seq_overrides(family: str, size: str) -> str:
+  """model.config_overrides for a small `family` model: size "local" (128 wide, 3+3 layers) or
+  "smoke" (64 wide, 2+2 layers)."""
+  if family not in SEQ2SEQ_FAMILIES:
+    raise ValueError(f"family={family!r} is not one of {SEQ2SEQ_FAMILIES}.")
+  d, n = (128, 3) if size == "local" else (64, 2)
+  template = _T5 if family == "t5" else _BART_LIKE
+  return template.format(d=d, n=n, f=2 * d, k=d // 4, p=256)
+
+
+def seq2seq_base(task: str) -> ml_collections.ConfigDict:
+  """The keys translation and summarization share on top of base_config."""
+  c = base_config(task)
+  c.model.decoder_start_token_id = placeholder(int)  # overrides the model config's
+  c.data.source_prefix = ""                     # T5 checkpoints: "translate English to Romanian: "
+  c.data.max_source_length = 512                # sources are truncated to this many tokens
+  c.data.max_target_length = 128                # and targets (labels) to this many
+  c.data.max_length = 512                       # the batches' padding cap: >= both of the above
+  c.data.validation_split_percentage = 0.0      # held out of train when there is no validation data
+  c.train.label_smoothing = 0.0                 # transformers' label_smoothing_factor
+  c.train.learning_rate = 5e-5
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 32
+  # Generation during eval: model.generate's settings (unset ones keep the model's defaults).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_beams = 1
+  c.eval.max_new_tokens = 128
+  c.eval.min_new_tokens = placeholder(int)
+  c.eval.length_penalty = placeholder(float)
+  c.eval.no_repeat_ngram_size = placeholder(int)
+  c.eval.early_stopping = placeholder(bool)
+  c.eval.repetition_penalty = placeholder(float)
+  c.eval.num_samples = 3                        # generated examples logged at each eval
+  return c
+
+
+def apply_seq2seq_args(c, flags, values, known_flags, local_data, tokenizer_fields):
+  """The variants translation and summarization share; `local_data(c)` points c at the offline
+  files, `tokenizer_fields` names the text fields a local tokenizer is trained on."""
+  family = values.pop("family", "bart")
+  if "local" in flags:
+    local_data(c)
+    c.model.name_or_path = None
+    c.model.config_name = family
+    c.model.config_overrides = seq2seq_overrides(family, "local")
+    c.model.from_scratch = True
+    c.train.learning_rate = 1e-3
+    c.train.warmup_ratio = 0.05
+    c.train.weight_decay = 0.01
+    c.train.label_smoothing = 0.1
+    if "model" not in values:
+      from flaxhf.data.tokenizer_training import cached_tokenizer_dir  # trained once, then cached
+      train_rows = _held_out_rows(c)
+      c.model.tokenizer = cached_tokenizer_dir(
+          c.data.train_file, tokenizer_fields(c), family, vocab_size=4000, skip_rows=train_rows,
+          max_rows=4000 if c.task == "summarization" else None)
+  if "model" in values:  # a checkpoint to fine-tune
+    c.model.config_name = None
+    c.model.config_overrides = None
+    c.model.from_scratch = "scratch" in flags
+  apply_common_args(c, flags - {"local"}, values, known_flags=tuple(known_flags) + ("local",))
+  if "smoke" in flags:
+    c.data.max_source_length = c.data.max_target_length = c.data.max_length = 48
+    c.eval.max_new_tokens = 16
+    c.eval.num_samples = 2
+    if "local" in flags and "model" not in values:
+      c.model.config_overrides = seq2seq_overrides(family, "smoke")
+  return c
+
+
+def _held_out_rows(c) -> int:
+  """Rows at the head of train_file that validation_split_percentage holds out (0 if none)."""
+  if c.data.validation_file or not c.data.validation_split_percentage:
+    return 0
+  from flaxhf.data.seq2seq import held_out_rows
+  with open(c.data.train_file, encoding="utf-8") as f:
+    rows = sum(1 for line in f if line.strip())
+  return held_out_rows(rows, c.data.validation_split_percentage)

@@ -20,10 +20,17 @@ ARGS = {
     "clm": ["", "smoke", "local", "local,smoke", "tinyshakespeare,local", "local,per_document",
             "tinyshakespeare,local,per_document,smoke", "scratch,smoke", "model=bert-base-cased",
             "local,model=bert-base-cased", "local,steps=10"],
+    "translation": ["", "smoke", "local", "local,smoke", "local,newstest", "local,family=bart",
+                    "local,family=marian,smoke", "local,family=t5", "scratch,smoke",
+                    "model=bert-base-cased", "local,model=bert-base-cased", "local,steps=10"],
+    "summarization": ["", "smoke", "local", "local,smoke", "local,family=t5", "xsum,smoke",
+                      "local,family=marian", "scratch,smoke", "model=bert-base-cased",
+                      "local,steps=10"],
 }
 
 # Config files named after HF's example scripts rather than their task.
 CONFIG_TASKS = {"qa": "question_answering", "mlm": "masked_lm", "clm": "causal_lm"}
+SEQ2SEQ = ("translation", "summarization")
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
@@ -39,7 +46,14 @@ def test_config_loads(name, arg):
       assert cfg.model.name_or_path is None and cfg.model.from_scratch
       assert cfg.model.config_name == "gpt2" and "n_layer=" in cfg.model.config_overrides
       assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
-    elif name != "clm":
+    elif name in SEQ2SEQ and "model=" not in arg:  # from scratch, a tokenizer trained on train
+      family = "marian" if "marian" in arg else "t5" if "t5" in arg else "bart"
+      assert cfg.model.name_or_path is None and cfg.model.from_scratch
+      assert cfg.model.config_name == family and "d_model=" in cfg.model.config_overrides
+      assert os.path.basename(cfg.model.tokenizer).startswith(f"{family}-tokenizer-")
+      assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
+      assert cfg.data.max_length >= max(cfg.data.max_source_length, cfg.data.max_target_length)
+    elif name not in ("clm",) + SEQ2SEQ:
       assert cfg.model.name_or_path.endswith("model")
   if "model=" in arg:
     assert cfg.model.name_or_path == "bert-base-cased"

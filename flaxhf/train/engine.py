@@ -43,6 +43,10 @@ def _dtype(name: str):
 def module_inputs(model, batch):
   """The Linen module's inputs from a batch dict (token types only for models that have them)."""
   ids = batch["input_ids"]
+  if "decoder_input_ids" in batch:  # encoder-decoders: the task built the decoder side on device
+    return dict(input_ids=ids, attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"],
+                decoder_attention_mask=batch["decoder_attention_mask"])
   tt = batch.get("token_type_ids") if model.uses_token_type_ids else None
   if model.uses_token_type_ids and tt is None:
     tt = jnp.zeros_like(ids)
@@ -320,6 +324,7 @@ class Trainer:
       p, idx, mask = jax.device_get(self._eval_step(params, self._device_batch(batch)))
       for row in np.flatnonzero(mask):  # per-example pytrees: lengths differ between buckets
         preds[idx[row]] = jax.tree_util.tree_map(lambda a, r=row: a[r], p)
+    self.task.generate_eval(self.model, params, self.data, self.mesh)  # e.g. translations to score
     metrics = self.task.metrics(preds, self.data)
     if self.is_main:
       self.task.save_outputs(self.workdir)

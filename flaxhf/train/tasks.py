@@ -45,6 +45,10 @@ class Task:
     """Eval metrics from a list of per-example prediction pytrees, in example order."""
     raise NotImplementedError
 
+  def generate_eval(self, model, params, task_data, mesh):
+    """Device work an eval scores beyond the forward pass (seq2seq: generating text from every eval
+    source), run by every process before metrics(); nothing by default."""
+
   def samples(self, model, params, task_data) -> list:
     """Examples to log at each eval during training (e.g. generated text); none by default."""
     return []
@@ -123,7 +127,9 @@ TASKS = {"text_classification": TextClassification,
          "multiple_choice": "flaxhf.train.tasks_mc.MultipleChoice",
          "question_answering": "flaxhf.train.tasks_qa.QuestionAnswering",
          "masked_lm": "flaxhf.train.tasks_mlm.MaskedLM",
-         "causal_lm": "flaxhf.train.tasks_clm.CausalLM"}
+         "causal_lm": "flaxhf.train.tasks_clm.CausalLM",
+         "translation": "flaxhf.train.tasks_seq2seq.Translation",
+         "summarization": "flaxhf.train.tasks_seq2seq.Summarization"}
 
 
 def get_task(cfg) -> Task:
