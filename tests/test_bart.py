@@ -407,6 +407,19 @@ def test_greedy_equals_transformers(arch):
   assert len(set(lengths.tolist())) > 1, seq
 
 
+def test_generate_continues_a_decoder_prompt():
+  """decoder_input_ids that start with the decoder start token are continued as given (P = 2)."""
+  pt, fx, batch = gen_twins("bart")
+  dec = np.array([[2, 5], [2, 9], [2, 5]])
+  with torch.no_grad():
+    want = pt.generate(**{k: torch.tensor(v) for k, v in batch.items()},
+                       decoder_input_ids=torch.tensor(dec), **GREEDY)
+  got = fx.generate(batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
+                    **GREEDY).sequences
+  np.testing.assert_array_equal(np.asarray(got), want.numpy())
+  np.testing.assert_array_equal(np.asarray(got)[:, :2], dec)
+
+
 @pytest.mark.parametrize("case", sorted(BEAM))
 @pytest.mark.parametrize("arch", sorted(GEN_ARCHS))
 def test_beam_search_equals_transformers(arch, case):
