@@ -191,6 +191,10 @@ def apply_seq2seq_args(c, flags, values, known_flags, local_data, tokenizer_fiel
     c.train.label_smoothing = 0.1
     if "model" not in values:
       from flaxhf.data.tokenizer_training import cached_tokenizer_dir  # trained once, then cached
+      if not os.path.isfile(c.data.train_file):  # the tokenizer is trained on it right here
+        raise FileNotFoundError(f"{c.data.train_file} not found: the local {c.task} run trains its "
+                                "tokenizer on it. Set FLAXHF_DATA to the folder that holds the "
+                                "bundled data (default ../shared/data).")
       train_rows = _held_out_rows(c)
       c.model.tokenizer = cached_tokenizer_dir(
           c.data.train_file, tokenizer_fields(c), family, vocab_size=4000, skip_rows=train_rows,

@@ -34,7 +34,9 @@ SEQ2SEQ = ("translation", "summarization")
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
-def test_config_loads(name, arg):
+def test_config_loads(name, arg, request):
+  if name in SEQ2SEQ and "local" in arg and "model=" not in arg:
+    request.getfixturevalue("data_dir")  # trains a tokenizer on the local data: skip without it
   cfg = importlib.import_module(f"configs.{name}").get_config(arg)
   assert cfg.task == CONFIG_TASKS.get(name, name)
   assert cfg.train.batch_size > 0 and cfg.data.max_length > 0
