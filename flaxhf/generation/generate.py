@@ -108,7 +108,7 @@ class GenerationMixin:
   # ---- generate ----------------------------------------------------------------------------------
   def generate(self, input_ids, attention_mask=None, generation_config=None, prng_key=None,
                trace: bool = True, params=None, logits_processor=None, decoder_input_ids=None,
-               **kwargs):
+               _lower: bool = False, **kwargs):
     """Generates token ids as transformers' `generate` does; returns an output with `.sequences`.
 
     Decoder-only models continue `input_ids` (left-padded); encoder-decoders encode `input_ids`
@@ -177,14 +177,23 @@ class GenerationMixin:
         eos=jnp.asarray(eos, jnp.int32).reshape(-1),
         length_penalty=jnp.float32(config.length_penalty if config.length_penalty is not None else 1.0))
     run = runner.program(trace)
-    out = run(self.params if params is None else params, ids_in, mask_in, sequences, extra, traced,
-              rng)
+    args = (self.params if params is None else params, ids_in, mask_in, sequences, extra, traced, rng)
+    if _lower:  # lower_generate: the program for these inputs, not run
+      if in_trace or not trace:
+        raise ValueError("lower_generate needs a plain call: not inside jit/pmap, trace=True.")
+      return run.lower(*args)
+    out = run(*args)
     if in_trace:  # no host step: v4's static [batch, max_length], padded after each row's end
       if runner.output_scores:
         raise ValueError("output_scores=True is not supported inside jit/pmap (scores are cropped "
                          "on the host): call generate outside the traced function for them.")
       return GenerateOutput(sequences=out["sequences"][:, :int(config.max_length)])
     return runner.finish(out, config)
+
+  def lower_generate(self, input_ids, **kwargs):
+    """The `jax.stages.Lowered` decode program that `generate(input_ids, **kwargs)` would run, not
+    run: `.compile().memory_analysis()` gives its buffer sizes (benchmarks/generate.py --memory)."""
+    return self.generate(input_ids, _lower=True, **kwargs)
 
   def _decoder_prompt(self, config, input_ids, attention_mask, decoder_input_ids, xp=np):
     """(decoder prompt [B, P], encoder inputs padded on the right to a length bucket)."""
