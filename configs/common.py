@@ -50,6 +50,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # Each batch pads to the smallest of these lengths that fits its longest row (capped at
   # max_length), so the train step compiles once per bucket used; () pads all to max_length.
   c.data.buckets = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+  # Read the training data lazily (bigger than memory): causal_lm and masked_lm; needs train.steps.
+  c.data.streaming = False
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = placeholder(int)             # total optimizer steps; or set epochs

@@ -302,6 +302,19 @@ def restore_arrays(step_dir: str):
     handler.close()
 
 
+def gather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (all processes must call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, sizes)]
+
+
 def _all_processes_ok(ok: bool) -> bool:
   """True when `ok` holds on every process (each one reads only its own shards)."""
   if jax.process_count() == 1:

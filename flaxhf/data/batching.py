@@ -3,9 +3,12 @@
 Shapes stay static because every batch is padded to one of a few bucket lengths, so XLA compiles
 at most `len(buckets)` programs. The batch for global step s is a pure function of (seed, s), so a
 resumed run yields exactly the batches an uninterrupted one would have, on every process.
+A streamed training set (`ExampleStream`, data bigger than memory) has no step -> row map: its
+position is state that the engine keeps in each checkpoint's metadata.
 """
 
 import dataclasses
+import itertools
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -213,3 +216,93 @@ def _gather(examples: Examples, idx: np.ndarray, pad_lens: Dict[str, int],
     out[~real] = 0
     batch[field] = out
   return batch
+
+
+class ExampleStream:
+  """Training examples made on the fly from one process's share of a lazily read text stream.
+
+  `source` yields texts (`iterate(state)`) and tells its position (`state_dict()`): see
+  flaxhf.data.sources.TextShare. `encode(texts, carry) -> (seqs, carry)` turns a chunk of texts,
+  plus what the previous chunk left over (None at the start of an epoch), into examples: `seqs`
+  maps field -> [N, L] array or list of N 1-D arrays; `carry` maps field -> 1-D int array.
+
+  The position is (epoch, the source's position at the start of the current chunk, the carry into
+  that chunk, the examples of the chunk already handed out): restoring it re-reads and re-encodes
+  one chunk, so the stream continues at exactly the next example. With `shuffle` the examples of a
+  chunk come in an order drawn from (seed, epoch, chunk): a window shuffle that a resume repeats.
+  The stream loops over the data for as many epochs as it is read; `max_examples` caps an epoch.
+  """
+
+  def __init__(self, source, encode, *, chunk_texts: int = 1000, shuffle: bool = False,
+               max_examples: Optional[int] = None, where: str = "the training data"):
+    if chunk_texts < 1:
+      raise ValueError(f"data.stream_chunk_texts={chunk_texts} must be >= 1.")
+    self.source, self.encode, self.chunk_texts = source, encode, int(chunk_texts)
+    self.shuffle, self.where = shuffle, where
+    self.max_examples = None if max_examples is None else int(max_examples)
+    self._state: Optional[dict] = None
+    self._batch_state: Optional[dict] = None
+
+  def state_dict(self) -> Optional[dict]:
+    """The position after the last batch handed out by `batches` (JSON-able); None before any."""
+    return self._batch_state
+
+  def examples(self, seed: int, state: Optional[dict] = None) -> Iterator[Dict[str, np.ndarray]]:
+    """Examples (field -> 1-D array) from `state` (None: the start), epoch after epoch."""
+    state = dict(state or {"epoch": 0, "source": None, "carry": None, "chunk": 0, "skip": 0,
+                           "emitted": 0})
+    while True:
+      epoch, emitted = state["epoch"], state["emitted"]
+      chunk_start, chunk, skip = state["source"], state["chunk"], state["skip"]
+      carry = _carry_arrays(state["carry"])
+      texts_it = self.source.iterate(chunk_start)
+      done = False
+      while not done:
+        texts = list(itertools.islice(texts_it, self.chunk_texts))
+        if not texts:
+          break
+        next_start = self.source.state_dict()
+        seqs, next_carry = self.encode(texts, carry)
+        n = len(next(iter(seqs.values())))
+        order = (np.random.default_rng((seed, epoch, chunk)).permutation(n) if self.shuffle
+                 else np.arange(n))
+        carry_json = None if carry is None else {k: v.tolist() for k, v in carry.items()}
+        for j in range(skip, n):
+          if self.max_examples is not None and emitted >= self.max_examples:
+            done = True
+            break
+          emitted += 1
+          self._state = {"epoch": epoch, "source": chunk_start, "carry": carry_json,
+                         "chunk": chunk, "skip": j + 1, "emitted": emitted}
+          yield {k: np.asarray(v[order[j]]) for k, v in seqs.items()}
+        chunk_start, carry, chunk, skip = next_start, next_carry, chunk + 1, 0
+      if emitted == 0:
+        raise ValueError(f"{self.where} gives no training example (this process's share of it "
+                         "is too short for one block): give it more text or lower the block "
+                         "length.")
+      state = {"epoch": epoch + 1, "source": None, "carry": None, "chunk": 0, "skip": 0,
+               "emitted": 0}
+
+  def batches(self, *, global_batch_size: int, seed: int, max_length: MaxLength,
+              pad_values: Optional[Mapping[str, int]] = None, process_index: int = 0,
+              process_count: int = 1,
+              state: Optional[dict] = None) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's rows of every global batch, padded to max_length (one shape on every
+    process: no process sees the others' rows), from `state` (a `state_dict()`; None: the start)."""
+    lo, hi = _process_rows(global_batch_size, process_index, process_count)
+    examples = self.examples(seed, state)
+    pad_values = dict(pad_values or {})
+    while True:
+      rows = [next(examples) for _ in range(hi - lo)]
+      self._batch_state = self._state
+      ex = Examples(seqs={k: [r[k] for r in rows] for k in rows[0]}, values={})
+      caps = {k: max_length[k] if isinstance(max_length, Mapping) else max_length for k in rows[0]}
+      for k, cap in caps.items():
+        longest = int(ex.lengths(k).max())
+        if longest > cap:
+          raise ValueError(f"A streamed example of {longest} tokens exceeds max_length={cap}.")
+      yield _gather(ex, np.arange(len(rows)), caps, pad_values)
+
+
+def _carry_arrays(carry: Optional[Mapping[str, list]]) -> Optional[Dict[str, np.ndarray]]:
+  return None if carry is None else {k: np.asarray(v, np.int32) for k, v in carry.items()}

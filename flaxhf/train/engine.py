@@ -3,7 +3,7 @@
 The same code runs on one CPU, a GPU host or a multi-host pod: the state is a pytree of global
 arrays placed by the model's logical-axis rules, each process feeds its share of every batch, and
 checkpoints hold everything needed to resume exactly (params, optimizer, step, RNG; the data
-position is a pure function of the step).
+position is a pure function of the step, or for a stream its saved position).
 """
 
 import json
@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flaxhf import sharding
-from flaxhf.checkpoint import Checkpointer, read_meta
+from flaxhf.checkpoint import Checkpointer, gather_json, read_meta
 from flaxhf.data import batching
 from flaxhf.models import io
 from flaxhf.train import faults, optim
@@ -207,13 +207,17 @@ class Trainer:
                        "model.from_scratch=True, model.config_name and model.tokenizer.")
     tok_dir = io.resolve_model_dir(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
     self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    self._check_streaming()
     self.data = self.task.prepare(self.tokenizer)
-    if self.data.train is None or len(self.data.train) == 0:
+    # A stream (data.streaming) is read lazily: its length is unknown and its position is state.
+    self.stream = self.data.train if isinstance(self.data.train, batching.ExampleStream) else None
+    if self.data.train is None or (self.stream is None and len(self.data.train) == 0):
       raise ValueError("The training split is empty: check data.train_file / data.dataset.")
     model_config = load_model_config(cfg.model, model_dir)
     self.task.configure_model(model_config, self.data)
 
-    self.steps_per_epoch = batching.steps_per_epoch(len(self.data.train), cfg.train.batch_size)
+    self.steps_per_epoch = None if self.stream else batching.steps_per_epoch(
+        len(self.data.train), cfg.train.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(self.data.train)} training examples do not fill one batch of "
                        f"{cfg.train.batch_size}; lower train.batch_size.")
@@ -249,6 +253,16 @@ class Trainer:
       self.tokenizer.save_pretrained(os.path.join(self.workdir, "tokenizer"))
 
   # ---- set-up ------------------------------------------------------------------------------------
+  def _check_streaming(self):
+    if not self.cfg.data.get("streaming"):
+      return
+    if not getattr(self.task, "supports_streaming", False):
+      raise ValueError(f"data.streaming=True: task {self.cfg.task!r} loads its data into memory; "
+                       "only causal_lm and masked_lm stream. Set data.streaming=False.")
+    if not self.cfg.train.steps:
+      raise ValueError("data.streaming=True reads the training data lazily, so an epoch's length "
+                       "is unknown: set train.steps (train.epochs cannot be used).")
+
   def _check_batch_sizes(self):
     t, shards = self.cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     k = t.grad_accum_steps
@@ -274,6 +288,7 @@ class Trainer:
     if resume_step is not None:
       # The newest checkpoint that restores: a corrupt one is set aside with a warning.
       state, meta, resume_step = self.ckpt.restore_latest(self.abstract_state)
+      self._resume_data_state(meta, resume_step)
       log.warning("Resuming from step %d (checkpoint in %s).", resume_step, self.ckpt.directory)
       return state, int(meta.get("step", resume_step))
     if params is None:  # from scratch: initialise straight into the shards
@@ -281,6 +296,21 @@ class Trainer:
                                        shardings=self.param_shardings)
     self.model._params = None  # the state owns the params from here on
     return init_state(self.tx, params, self.cfg.train.seed, self.state_shardings), 0
+
+  def _resume_data_state(self, meta, step):
+    """A stream continues where the checkpoint's metadata says this process's share stood."""
+    self.stream_state = None
+    if self.stream is None:
+      return
+    states = meta.get("data_state")
+    if states is None:
+      raise ValueError(f"The checkpoint of step {step} in {self.ckpt.directory} holds no stream "
+                       "position (written without data.streaming): use a new workdir.")
+    if len(states) != jax.process_count():
+      raise ValueError(f"The checkpoint of step {step} holds the stream positions of "
+                       f"{len(states)} processes, not {jax.process_count()}: each process reads "
+                       "its own share, so resume a streaming run with the same process count.")
+    self.stream_state = states[jax.process_index()]
 
   def _compile_train_step(self):
     return build_train_step(self.model, self.task, self.tx, self.schedule,
@@ -356,12 +386,15 @@ class Trainer:
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_in_a_row,
                                   self.ckpt.latest_step)
     keys = set(self.task.model_inputs) | set(self.task.label_fields)
-    batches = batching.train_batches(
-        self.data.train, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-        start_step=self.start_step, buckets=self.buckets,
-        max_length=cfg.data.max_length, pad_values=self._pad_values(),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        group_by_length=cfg.data.group_by_length)
+    common = dict(global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                  max_length=cfg.data.max_length, pad_values=self._pad_values(),
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    if self.stream is not None:
+      batches = self.stream.batches(state=getattr(self, "stream_state", None), **common)
+    else:
+      batches = batching.train_batches(self.data.train, start_step=self.start_step,
+                                       buckets=self.buckets,
+                                       group_by_length=cfg.data.group_by_length, **common)
     window, last_metrics = [], {}
     logger.reset_clock(self.start_step)
     for step in range(self.start_step + 1, total + 1):
@@ -386,8 +419,9 @@ class Trainer:
         finite = [m["loss"] for m in host if not m["nonfinite"]]  # skipped steps are counted
         logger.train(step, {"loss": float(np.mean(finite)) if finite else float("nan"),
                             "grad_norm": float(host[-1]["grad_norm"]),
-                            "learning_rate": float(host[-1]["learning_rate"]), "epoch":
-                            step / self.steps_per_epoch,
+                            "learning_rate": float(host[-1]["learning_rate"]),
+                            **({"epoch": step / self.steps_per_epoch}
+                               if self.steps_per_epoch else {}),
                             **({"nonfinite_steps": len(host) - len(finite)}
                                if len(finite) < len(host) else {})})
         window = []
@@ -414,7 +448,9 @@ class Trainer:
   def _meta(self, step):
     return {"step": int(step), "config": json.loads(self.cfg.to_json_best_effort()),
             "model_class": type(self.model).__name__, "model_config": self.model.config.to_dict(),
-            "total_steps": self.total_steps}
+            "total_steps": self.total_steps,
+            # Every process's stream position (each reads its own share), in process order.
+            **({"data_state": gather_json(self.stream.state_dict())} if self.stream else {})}
 
   def _finish(self, final_metrics) -> dict:
     """Exports the best (or last) step to PyTorch format and writes eval_results.json."""
