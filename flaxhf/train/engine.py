@@ -23,7 +23,7 @@ from flaxhf import sharding
 from flaxhf.checkpoint import Checkpointer, gather_json, read_meta
 from flaxhf.data import batching
 from flaxhf.models import io
-from flaxhf.train import faults, optim
+from flaxhf.train import faults, memory, optim
 from flaxhf.train.logger import RunLogger
 from flaxhf.train.tasks import get_task
 
@@ -313,9 +313,19 @@ class Trainer:
     self.stream_state = states[jax.process_index()]
 
   def _compile_train_step(self):
-    return build_train_step(self.model, self.task, self.tx, self.schedule,
+    step = build_train_step(self.model, self.task, self.tx, self.schedule,
                             self.cfg.train.grad_accum_steps, self.mesh, self.state_shardings,
                             skip_nonfinite=self.cfg.train.nonfinite == "skip")
+    first = [True]
+
+    def train_step(state, batch):
+      if first:  # the first call compiles anyway (the call below reuses it): log its memory
+        first.clear()
+        log.info("%s; mesh %s, mesh.rules=%s.", memory.describe(memory.step_memory(
+            step, state, batch)), dict(self.mesh.shape), self.cfg.mesh.rules)
+      return step(state, batch)
+
+    return train_step
 
   def _compile_eval_step(self):
     module, task = self.model.module, self.task
