@@ -6,7 +6,8 @@
 
 Models, random weights, fp32 (`--size small`; `--size tiny`, 2 layers x 64 and vocab 1000, checks
 each model in seconds):
-  gpt2    GPT-2 small (GPT2Config() defaults: 12 x 768, vocab 50257, 124M parameters); 128 new tokens.
+  gpt2    GPT-2 small (GPT2Config() defaults: 12 x 768, vocab 50257, 124M parameters); 128 new
+          tokens.
   marian  opus-mt-en-de's shape: 6+6 layers x 512, 8 heads, ffn 2048, vocab 58101, swish, static
           sinusoidal positions, scaled embeddings shared by encoder, decoder and LM head, decoder
           start = pad; default case b32-beam4; 64 new tokens.
@@ -45,7 +46,8 @@ from benchmarks import machine  # noqa: E402
 
 # (PyTorch class, flaxhf class, default cases, default new tokens) per model.
 MODELS = {
-    "gpt2": ("GPT2LMHeadModel", "FlaxGPT2LMHeadModel", "b1-greedy,b8-greedy,b1-beam4,b8-beam4", 128),
+    "gpt2": ("GPT2LMHeadModel", "FlaxGPT2LMHeadModel", "b1-greedy,b8-greedy,b1-beam4,b8-beam4",
+             128),
     "marian": ("MarianMTModel", "FlaxMarianMTModel", "b32-beam4", 64),
     "t5": ("T5ForConditionalGeneration", "FlaxT5ForConditionalGeneration",
            "b1-greedy,b8-greedy,b1-beam4,b8-beam4", 64),
@@ -257,7 +259,7 @@ def run_timing(name, config, pt, fx, cases, args, rng):
             flush=True)
 
 
-# ---- memory ----------------------------------------------------------------------------------------
+# ---- memory --------------------------------------------------------------------------------------
 def flaxhf_memory(fx, ids, beams, new_tokens):
   """(argument, output, temp) bytes of the compiled decode program for this call."""
   stats = fx.lower_generate(ids, attention_mask=np.ones_like(ids),
@@ -306,7 +308,8 @@ def torch_memory(name, model_dir, ids, beams, new_tokens):
 def run_memory(name, config, fx, cases, args, rng, workdir):
   beam_cases = [c for c in cases if parse_case(c)[1] > 1]
   if not beam_cases:
-    raise SystemExit(f"--memory compares beam cases with greedy ones; --cases {cases} has no bB-beamK")
+    raise SystemExit(f"--memory compares beam cases with greedy ones; --cases {cases} has no "
+                     "bB-beamK case")
   mb = 1 / 2**20
   print(f"peak memory, MiB: beam K at batch B vs greedy at batch K x B (the same sequences), "
         f"{args.new_tokens} new tokens; flaxhf = XLA memory analysis of the compiled program "
