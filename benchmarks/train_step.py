@@ -1,13 +1,17 @@
 """Train-step throughput: flaxhf vs PyTorch transformers, same model, batch, dtype, in one run.
 
-  python benchmarks/train_step.py [--models bert-base,minilm,gpt2] [--dtypes float32,bfloat16]
-      [--steps 5] [--skip_torch]
+  python benchmarks/train_step.py [--models bert-base,minilm,gpt2,t5-small,bart-base]
+      [--dtypes float32,bfloat16] [--steps 5] [--skip_torch]
 
 Prints the machine header (benchmarks/machine.py: CPU, cores, flags, versions, GEMM peaks), then
 tokens/s and MFU against the GEMM peak measured here (the best of a JAX and a torch fp32 matmul),
-for BERT-base (16x128, sequence classification), MiniLM (32x128) and GPT-2 small (8x256, causal LM
-loss). Both sides: AdamW, gradient clipping 1.0, the same batch every step. Benchmarks are scripts,
-never timed tests.
+for BERT-base (16x128, sequence classification), MiniLM (32x128), GPT-2 small (8x256, causal LM
+loss), and T5-small / BART-base (16 x 128 source + 32 target tokens, conditional generation with
+labels; tok/s counts source and target tokens). Both sides: AdamW, gradient clipping 1.0, the same
+batch every step. The flaxhf step is the engine's (engine.make_train_step with the task a user
+trains: CausalLM, TextClassification, or the seq2seq Translation task, which shifts the labels
+into decoder inputs on device); PyTorch runs a plain loop on transformers' own loss (which shifts
+the labels too). Default models: bert-base,minilm,gpt2. Benchmarks are scripts, never timed tests.
 """
 
 import argparse
@@ -21,7 +25,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
 
-SHAPES = {"bert-base": (16, 128), "minilm": (32, 128), "gpt2": (8, 256)}
+SHAPES = {"bert-base": (16, 128), "minilm": (32, 128), "gpt2": (8, 256), "t5-small": (16, 128),
+          "bart-base": (16, 128)}
+TARGET_LEN = {"t5-small": 32, "bart-base": 32}  # the encoder-decoders' label length
+TORCH_CLASS = {"gpt2": "GPT2LMHeadModel", "t5-small": "T5ForConditionalGeneration",
+               "bart-base": "BartForConditionalGeneration"}
 
 
 def model_config(name):
@@ -31,11 +39,19 @@ def model_config(name):
     return transformers.AutoConfig.from_pretrained(minilm_path(), num_labels=2)
   if name == "gpt2":
     return transformers.GPT2Config()  # GPT-2 small: 12 x 768, vocab 50257, 124M params
+  if name == "t5-small":
+    # 6+6 x 512, 8 heads, d_ff 2048, vocab 32128, 60M params; decoding starts from pad, as
+    # t5-small's config.json says (T5Config itself leaves the start id unset).
+    return transformers.T5Config(decoder_start_token_id=0)
+  if name == "bart-base":
+    return transformers.BartConfig()  # 6+6 x 768, 12 heads, ffn 3072, vocab 50265, 139M params
   return transformers.BertConfig(num_labels=2)  # BERT-base: 12 x 768, vocab 30522
 
 
 def train_flops(name, config, batch, length):
   """Matmul FLOPs of one forward+backward: 6 x matmul params x tokens + attention scores."""
+  if name in TARGET_LEN:
+    return seq2seq_flops(config, batch, length, TARGET_LEN[name])
   tokens = batch * length
   if name == "gpt2":
     d, n = config.n_embd, config.n_layer
@@ -48,11 +64,33 @@ def train_flops(name, config, batch, length):
   return 3 * (2 * matmul_params * tokens + attention)
 
 
+def seq2seq_flops(config, batch, src, tgt):
+  """As train_flops for an encoder-decoder: the encoder on source tokens; the decoder's self-
+  attention, cross-attention queries/outputs, MLP and LM head on target tokens; its cross-attention
+  keys/values on source tokens."""
+  if config.model_type == "t5":
+    d, f, inner = config.d_model, config.d_ff, config.num_heads * config.d_kv
+    n_enc, n_dec = config.num_layers, config.num_decoder_layers
+    mlp = (3 if config.is_gated_act else 2) * d * f
+  else:
+    d, f, inner = config.d_model, config.encoder_ffn_dim, config.d_model
+    n_enc, n_dec = config.encoder_layers, config.decoder_layers
+    mlp = 2 * d * f
+  s_tok, t_tok = batch * src, batch * tgt
+  params_x_tokens = (n_enc * (4 * d * inner + mlp) * s_tok
+                     + n_dec * ((6 * d * inner + mlp) * t_tok + 2 * d * inner * s_tok)
+                     + d * config.vocab_size * t_tok)  # the LM head
+  attention = n_enc * 4 * src * inner * s_tok + n_dec * 4 * (tgt + src) * inner * t_tok
+  return 3 * (2 * params_x_tokens + attention)
+
+
 def batch_arrays(name, batch, length):
   rng = np.random.RandomState(0)
   data = {"input_ids": rng.randint(1000, 30000, (batch, length)).astype(np.int32),
           "attention_mask": np.ones((batch, length), np.int32)}
-  if name != "gpt2":
+  if name in TARGET_LEN:  # no -100: every label token counts, on both sides
+    data["labels"] = rng.randint(1000, 30000, (batch, TARGET_LEN[name])).astype(np.int32)
+  elif name != "gpt2":
     data["token_type_ids"] = np.zeros((batch, length), np.int32)
     data["labels"] = rng.randint(0, 2, (batch,)).astype(np.int32)
   return data
@@ -67,6 +105,16 @@ def flaxhf_model_and_task(name, config, dtype):
     from flaxhf.train.tasks_clm import CausalLM
     cfg = get_config("smoke")
     return auto.FlaxAutoModelForCausalLM.from_config(config, dtype=jdtype), CausalLM(cfg), cfg
+  if name in TARGET_LEN:
+    from configs.translation import get_config
+    from flaxhf.train.tasks_seq2seq import Translation
+    cfg = get_config("smoke")
+    task = Translation(cfg)
+    # What Seq2Seq.prepare records without a data set: the family, and a tokenizer whose size fits
+    # the embeddings (configure_model reads only its length for a checkpoint's config).
+    task.tokenizer, task.model_type = range(config.vocab_size), config.model_type
+    task.configure_model(config, None)
+    return auto.FlaxAutoModelForSeq2SeqLM.from_config(config, dtype=jdtype), task, cfg
   from configs.text_classification import get_config
   from flaxhf.data.text_classification import TaskData
   from flaxhf.train import tasks
@@ -99,9 +147,8 @@ def torch_step_time(name, config, batch, length, dtype, steps):
   import torch
   import transformers
   torch.manual_seed(0)
-  cls = (transformers.GPT2LMHeadModel if name == "gpt2"
-         else transformers.BertForSequenceClassification)
-  model = cls(config).train()
+  model = getattr(transformers, TORCH_CLASS.get(name, "BertForSequenceClassification"))(config)
+  model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
   inputs = {k: torch.tensor(v, dtype=torch.long)
             for k, v in batch_arrays(name, batch, length).items()}
@@ -141,7 +188,7 @@ def main():
   peaks = machine.print_header(tuple(dict.fromkeys(["float32"] + dtypes)), title="train_step.py")
   peak = max(peaks["cpu", "float32"].values())
   print(f"MFU against the fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (best of jax and torch)")
-  print(f"{'model':10s} {'dtype':9s} {'B x L':8s} {'flaxhf tok/s':>13s} {'MFU':>6s} "
+  print(f"{'model':10s} {'dtype':9s} {'B x L':10s} {'flaxhf tok/s':>13s} {'MFU':>6s} "
         f"{'torch tok/s':>12s} {'MFU':>6s} {'flaxhf/torch':>12s}")
   for name in models:
     batch, length = SHAPES[name]
@@ -151,8 +198,10 @@ def main():
       tf = flaxhf_step_time(name, config, batch, length, dtype, args.steps)
       tt = float("nan") if args.skip_torch else torch_step_time(name, config, batch, length, dtype,
                                                                 args.steps)
-      tok = batch * length
-      print(f"{name:10s} {dtype:9s} {batch}x{length:<5d} {tok / tf:13.0f} {flops / tf / peak:6.1%} "
+      target = TARGET_LEN.get(name, 0)
+      tok = batch * (length + target)
+      shape = f"{batch}x{length}" + (f"+{target}" if target else "")
+      print(f"{name:10s} {dtype:9s} {shape:10s} {tok / tf:13.0f} {flops / tf / peak:6.1%} "
             f"{tok / tt:12.0f} {flops / tt / peak:6.1%} {tt / tf:12.2f}", flush=True)
 
 
