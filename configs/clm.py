@@ -9,6 +9,8 @@ ARGS, comma-separated:
                   paragraphs) are the documents, the first 5% of them held out for evaluation.
   per_document    attend only within each document of a block (positions restart per document).
   scratch         random init from the checkpoint's config (its tokenizer kept).
+  streaming       read the train texts lazily (data.streaming): needs train.steps and eval data
+                  (a validation file or split; none is held out of a stream).
   smoke           a run of seconds; model=NAME_OR_PATH (a checkpoint to fine-tune); steps=N.
 The hub default is openai-community/gpt2 on wikitext-2-raw-v1, as HF's run_clm.py example.
 
@@ -39,6 +41,11 @@ def get_config(arg=None):
   c.data.text_unit = "line"            # plain text files: "line" | "paragraph" | "file" per document
   c.data.add_eos = True                # end every document with EOS (GPT-2's tokenizer adds none)
   c.data.per_document_attention = "per_document" in flags
+  # Read the train texts lazily, for data bigger than memory (needs train.steps; the eval data is
+  # still read in full). Blocks come in file order, shuffled within each chunk of texts.
+  c.data.streaming = "streaming" in flags
+  c.data.stream_shuffle = True         # shuffle the examples within each chunk of texts
+  c.data.stream_chunk_texts = 1000     # texts read, tokenized and grouped at a time
   c.data.validation_split_percentage = 5.0  # held out of train when there is no validation data
   c.data.block_size = 1024             # run_clm.py's default for GPT-2
   c.data.max_length = c.data.get_ref("block_size")
@@ -85,7 +92,8 @@ def get_config(arg=None):
     c.model.from_scratch = "scratch" in flags
   # `local` is handled above: the shared one would pick the MiniLM checkpoint.
   common.apply_common_args(c, flags - {"local"}, values,
-                           known_flags=("local", "tinyshakespeare", "per_document", "scratch"))
+                           known_flags=("local", "tinyshakespeare", "per_document", "scratch",
+                                        "streaming"))
   if "smoke" in flags:
     c.eval.num_samples = 2
     c.eval.max_new_tokens = 8

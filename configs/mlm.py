@@ -4,6 +4,7 @@ ARGS, comma-separated: `local` (the offline MiniLM checkpoint and WikiText-2 und
 default ../shared/data; its train split is not there, so it trains on wiki.valid.tokens and evaluates
 on wiki.test.tokens), `wwm` (whole-word masking), `line_by_line` (one example per text line, not
 `max_length` blocks), `scratch` (random init from the model's config; its tokenizer is kept),
+`streaming` (read the train texts lazily: needs train.steps and a validation file or split),
 `smoke` (a run of seconds), `model=NAME_OR_PATH`, `steps=N`. The hub default is wikitext-2-raw-v1,
 as in HF's run_mlm.py example.
 """
@@ -24,6 +25,11 @@ def get_config(arg=None):
   c.data.line_by_line = "line_by_line" in flags
   c.data.mlm_probability = 0.15
   c.data.whole_word_mask = "wwm" in flags
+  # Read the train texts lazily, for data bigger than memory (needs train.steps; the eval data is
+  # still read in full). Blocks come in file order, shuffled within each chunk of texts.
+  c.data.streaming = "streaming" in flags
+  c.data.stream_shuffle = True         # shuffle the examples within each chunk of texts
+  c.data.stream_chunk_texts = 1000     # texts read, tokenized and grouped at a time
   c.model.from_scratch = "scratch" in flags
   c.train.learning_rate = 5e-5
   if "local" in flags:
@@ -36,6 +42,7 @@ def get_config(arg=None):
     c.train.learning_rate = 1e-4
     c.train.eval_every = 100
     c.checkpoint.every_steps = 100
-  common.apply_common_args(c, flags, values, known_flags=("wwm", "line_by_line", "scratch"))
+  common.apply_common_args(c, flags, values,
+                           known_flags=("wwm", "line_by_line", "scratch", "streaming"))
   c.lock()
   return c

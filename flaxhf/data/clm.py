@@ -18,6 +18,11 @@ in order): the task turns them into a [B, L, L] mask and per-document positions 
 
 With no validation file or split, `data.validation_split_percentage` of the train texts (the first
 ones, as run_clm.py) are held out.
+
+With `data.streaming` the train texts are read lazily (this process's share of them), tokenized and
+cut into the same blocks chunk by chunk (`data.stream_chunk_texts` texts at a time, the remainder
+carried into the next chunk), in file order or shuffled within each chunk (`data.stream_shuffle`);
+the validation data is read in full as without streaming, and none is held out of the stream.
 """
 
 import json
@@ -30,13 +35,13 @@ import numpy as np
 
 from flaxhf.data import sources
 from flaxhf.data.batching import Examples
-from flaxhf.data.mlm import _column_texts, dense_word_ids
+from flaxhf.data.mlm import _column_texts, group_stream, stream_eval_texts, train_stream
 from flaxhf.data.sources import DataError, get_option
 from flaxhf.data.text_classification import TaskData
 
 log = logging.getLogger("flaxhf")
 
-TEXT_UNITS = ("line", "paragraph", "file")
+TEXT_UNITS = sources.TEXT_UNITS
 GPT2_EOS = "<|endoftext|>"
 _CHUNK = 1000
 
@@ -66,26 +71,7 @@ def gpt2_tokenizer_dir(cache_dir: Optional[str] = None) -> str:
 
 def read_text_file(path: str, unit: str = "line") -> List[str]:
   """The non-blank texts of a plain text file: lines, blank-line separated paragraphs, or the file."""
-  if unit not in TEXT_UNITS:
-    raise ValueError(f"data.text_unit={unit!r} is not one of {TEXT_UNITS}.")
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(f"Data file not found: {path}")
-  with open(path, encoding="utf-8-sig", newline=None) as f:  # \r\n read as \n
-    content = f.read()
-  if unit == "file":
-    texts = [content.strip("\n")] if content.strip() else []
-  elif unit == "line":
-    texts = [line for line in content.split("\n") if line.strip()]
-  else:
-    paragraphs, current = [], []
-    for line in content.split("\n") + [""]:
-      if line.strip():
-        current.append(line)
-      elif current:
-        paragraphs.append("\n".join(current))
-        current = []
-    texts = paragraphs
+  texts = list(sources.iter_text_file(path, unit))
   if not texts:
     raise DataError(f"Text file {path} is empty (no non-blank line): causal LM needs text. Point "
                     "data.train_file / data.validation_file at a file with text.")
@@ -140,23 +126,40 @@ def tokenize_documents(tokenizer, texts: List[str], add_eos: bool) -> List[np.nd
 def group_texts(docs: List[np.ndarray], block_size: int,
                 with_document_ids: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   """run_clm.py's group_texts on the whole split: (ids [N, block], document ids [N, block] or None)."""
-  flat = np.concatenate(docs) if docs else np.zeros((0,), np.int32)
-  n = len(flat) // block_size
-  blocks = flat[:n * block_size].reshape(n, block_size)
-  if not with_document_ids:
-    return blocks, None
-  doc_of_token = np.repeat(np.arange(len(docs), dtype=np.int32), [len(d) for d in docs])
-  return blocks, dense_word_ids(doc_of_token[:n * block_size].reshape(n, block_size))
+  seqs, _ = clm_group_stream(docs, block_size, None, with_document_ids)
+  return seqs["input_ids"], seqs.get("document_ids")
 
 
-def prepare_clm(data_cfg: Any, tokenizer) -> TaskData:
-  """Loads, tokenizes and groups the texts into blocks of `data.block_size` tokens."""
-  raw = load_texts(data_cfg)
+def clm_group_stream(docs: List[np.ndarray], block_size: int, carry, with_document_ids: bool):
+  """(seqs, carry): the blocks of `carry` + `docs`; each document is one "word" of group_stream."""
+  doc_tags = [np.zeros(len(d), np.int32) for d in docs] if with_document_ids else None
+  return group_stream(docs, block_size, carry, doc_tags, tag="document_ids")
+
+
+def clm_encoder(tokenizer, block_size: int, add_eos: bool, per_document: bool):
+  """encode(texts, carry) -> (seqs, carry) for a stream: one chunk of texts as blocks."""
+  def encode(texts, carry):
+    return clm_group_stream(tokenize_documents(tokenizer, texts, add_eos), block_size, carry,
+                            per_document)
+  return encode
+
+
+def prepare_clm(data_cfg: Any, tokenizer, process_index: int = 0,
+                process_count: int = 1) -> TaskData:
+  """Loads, tokenizes and groups the texts into blocks of `data.block_size` tokens; with
+  `data.streaming` the train texts are read and grouped on the fly (this process's share)."""
   block = int(get_option(data_cfg, "block_size", get_option(data_cfg, "max_length", 1024)))
   add_eos = bool(get_option(data_cfg, "add_eos", True))
+  if add_eos and tokenizer.eos_token_id is None:
+    tokenize_documents(tokenizer, [], True)  # the missing-EOS error, before any data is read
   per_document = bool(get_option(data_cfg, "per_document_attention", False))
+  unit = get_option(data_cfg, "text_unit", "line")
+  if unit not in TEXT_UNITS:
+    raise ValueError(f"data.text_unit={unit!r} is not one of {TEXT_UNITS}.")
   limits = {"train": get_option(data_cfg, "max_train_samples"),
             "validation": get_option(data_cfg, "max_eval_samples")}
+  streaming = bool(get_option(data_cfg, "streaming", False))
+  raw = stream_eval_texts(data_cfg, "causal LM", unit) if streaming else load_texts(data_cfg)
   examples = {}
   for role, texts in raw.items():
     docs = tokenize_documents(tokenizer, texts, add_eos)
@@ -175,6 +178,11 @@ def prepare_clm(data_cfg: Any, tokenizer) -> TaskData:
     examples[role] = Examples(seqs=seqs, values={})
     log.info("Causal LM %s: %d documents, %d tokens -> %d blocks of %d.", role, len(docs),
              sum(map(len, docs)), len(blocks), block)
+  if streaming:
+    examples["train"] = train_stream(
+        data_cfg, clm_encoder(tokenizer, block, add_eos, per_document), limits["train"],
+        column=get_option(data_cfg, "text_column", "text"), unit=unit,
+        process_index=process_index, process_count=process_count)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   return TaskData(train=examples.get("train"), eval=examples.get("validation"), label_list=None,
                   num_labels=0, problem_type="causal_lm",

@@ -1,7 +1,9 @@
 """The one module that talks to `datasets` and TFDS: raw splits from local files, the hub or TFDS.
 
 Everything downstream sees plain `datasets.Dataset` objects keyed by role ("train", "validation"),
-so a `datasets` or TFDS version bump touches only this file.
+or for a streamed split (`stream_texts`) a `TextShare`: one process's share of the texts, read
+lazily through a `datasets.IterableDataset`, so a `datasets` or TFDS version bump touches only
+this file.
 
 GLUE TSV files are read as the GLUE download script writes them: CoLA train/dev have no header,
 MRPC starts with a UTF-8 BOM and has stray quotes (so quoting is disabled), and the label and
@@ -13,11 +15,14 @@ import csv
 import itertools
 import os
 import pathlib
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import datasets
+from datasets.distributed import split_dataset_by_node
 
 ROLES = ("train", "validation")
+
+TEXT_UNITS = ("line", "paragraph", "file")
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
 
@@ -225,3 +230,129 @@ def _decode(value: Any) -> Any:
       return [_decode(v) for v in value]
     return _decode(value)
   return value
+
+
+# ---- plain text and streamed splits --------------------------------------------------------------
+
+def iter_text_file(path: str, unit: str = "line") -> Iterator[str]:
+  """The non-blank texts of a plain text file, read lazily: lines, blank-line separated
+  paragraphs (inner line breaks kept), or the whole file as one text."""
+  if unit not in TEXT_UNITS:
+    raise ValueError(f"data.text_unit={unit!r} is not one of {TEXT_UNITS}.")
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"Data file not found: {path}")
+  with open(path, encoding="utf-8-sig", newline=None) as f:  # \r\n read as \n
+    if unit == "file":
+      content = f.read()
+      if content.strip():
+        yield content.strip("\n")
+      return
+    current = []
+    for line in f:
+      line = line[:-1] if line.endswith("\n") else line
+      if unit == "line":
+        if line.strip():
+          yield line
+      elif line.strip():
+        current.append(line)
+      elif current:
+        yield "\n".join(current)
+        current = []
+    if current:
+      yield "\n".join(current)
+
+
+class TextShare:
+  """One process's share of a split's non-blank texts, read lazily from a resumable position.
+
+  `iterate(state)` starts over at `state` (None: the start); `state_dict()` is the position after
+  the last text it yielded (JSON-able: datasets' IterableDataset state).
+  """
+
+  def __init__(self, open_dataset, column: str, where: str):
+    self._open, self.column, self.where = open_dataset, column, where
+    self._ds: Optional[datasets.IterableDataset] = None
+
+  def iterate(self, state: Optional[dict] = None) -> Iterator[str]:
+    self._ds = self._open()
+    if state is not None:
+      self._ds.load_state_dict(state)
+    return self._texts(self._ds)
+
+  def _texts(self, ds) -> Iterator[str]:
+    for row in ds:
+      if self.column not in row:
+        raise DataError(f"{self.where} has no text column {self.column!r}; columns: "
+                        f"{sorted(row)} (set data.text_column).")
+      text = row[self.column]
+      if text and str(text).strip():
+        yield str(text)
+
+  def state_dict(self) -> dict:
+    if self._ds is None:
+      raise RuntimeError("TextShare.state_dict() before iterate().")
+    return self._ds.state_dict()
+
+
+def stream_texts(cfg: Any, role: str = "train", *, column: str = "text", unit: str = "line",
+                 process_index: int = 0, process_count: int = 1) -> TextShare:
+  """The texts of `role` as a lazily read stream: process `process_index` of `process_count` gets
+  a disjoint share (whole files or hub shards when they divide evenly, else every
+  `process_count`-th row: datasets' split_dataset_by_node), all of it when alone.
+
+  Local csv/tsv/json/jsonl files are read by column, other files as plain text per `unit`
+  (`iter_text_file`); else the hub (`dataset`, `subset`, `{role}_split`) in streaming mode.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  path = get_option(cfg, f"{role}_file")
+  where = describe(cfg, role)
+  if path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise DataError(f"Data file not found: {path}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+      def open_all():
+        return datasets.IterableDataset.from_generator(
+            _text_rows, gen_kwargs={"paths": [str(path)], "unit": unit})
+    else:
+      kwargs = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else {}
+      builder = "csv" if fmt in ("csv", "tsv") else "json"
+      if builder == "csv":
+        kwargs.update(encoding="utf-8-sig", keep_default_na=False)
+
+      def open_all():
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                     **kwargs)
+  elif get_option(cfg, "tfds_name"):
+    raise DataError("data.streaming reads local files or the hub, not TFDS: set "
+                    "data.train_file, or data.streaming=False.")
+  elif get_option(cfg, "dataset"):
+    name, subset = get_option(cfg, "dataset"), get_option(cfg, "subset")
+    split = get_option(cfg, f"{role}_split", role)
+
+    def open_all():
+      try:
+        return datasets.load_dataset(name, subset, split=split, streaming=True)
+      except OSError as e:  # as _load_hub: every "not reachable / not found" is an OSError
+        why = "HF_HUB_OFFLINE=1 is set" if _hub_offline() else "the hub could not be reached"
+        raise DataError(f"Could not stream dataset {name!r}{f' (subset {subset!r})' if subset else ''}"
+                        f" split {split!r} from the Hugging Face hub: {why} ({type(e).__name__}: "
+                        f"{e}). Pass local files instead: --config.data.train_file=PATH.") from e
+  else:
+    raise DataError("No data source: set data.train_file (a local text, csv, tsv, json or jsonl "
+                    "file) or data.dataset (hub name).")
+
+  def open_share():
+    ds = open_all()
+    return ds if process_count == 1 else split_dataset_by_node(ds, rank=process_index,
+                                                                 world_size=process_count)
+  return TextShare(open_share, column="text" if path and fmt is None else column, where=where)
+
+
+def _text_rows(paths: List[str], unit: str):
+  for path in paths:
+    for text in iter_text_file(path, unit):
+      yield {"text": text}

@@ -57,13 +57,15 @@ class CausalLM(Task):
 
   name = "causal_lm"
   auto_class = auto.FlaxAutoModelForCausalLM
+  supports_streaming = True  # data.streaming: the train texts are read on the fly
   model_inputs = ("input_ids", "attention_mask")
   label_fields = ("document_ids",)  # labels are built on device from the ids
 
   def prepare(self, tokenizer):
     from flaxhf.data.clm import prepare_clm
     self.tokenizer = tokenizer
-    return prepare_clm(self.cfg.data, tokenizer)
+    return prepare_clm(self.cfg.data, tokenizer, process_index=jax.process_index(),
+                       process_count=jax.process_count())
 
   def configure_model(self, config, task_data):
     size = len(self.tokenizer)

@@ -52,6 +52,7 @@ class MaskedLM(Task):
 
   name = "masked_lm"
   auto_class = auto.FlaxAutoModelForMaskedLM
+  supports_streaming = True  # data.streaming: the train texts are read on the fly
   # Not labels (those are drawn on device): the word ids whole-word masking needs in the batch.
   label_fields = ("word_ids",)
 
@@ -60,7 +61,8 @@ class MaskedLM(Task):
     self.special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
     self.mask_id = int(tokenizer.mask_token_id)
     self.tokenizer_size = len(tokenizer)
-    return prepare_mlm(self.cfg.data, tokenizer)
+    return prepare_mlm(self.cfg.data, tokenizer, process_index=jax.process_index(),
+                       process_count=jax.process_count())
 
   def configure_model(self, config, task_data):
     if self.tokenizer_size > config.vocab_size:
