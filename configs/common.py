@@ -33,6 +33,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # needed. Overrides as run_clm.py's --config_overrides: "n_embd=128,n_layer=4".
   c.model.config_name = placeholder(str)
   c.model.config_overrides = placeholder(str)
+  # One scanned layer instead of num_layers copies (compiles once per stack); checkpoints and
+  # exports keep the per-layer PyTorch keys. BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2 (no generate).
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = placeholder(str)            # hub dataset name, e.g. "nyu-mll/glue"
@@ -75,6 +78,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # last good step); "skip" drops that update on device and stops after this many in a row.
   c.train.nonfinite = "abort"
   c.train.max_nonfinite_in_a_row = 10
+  # Rematerialise each layer in the backward pass: "none", "full", or a jax.checkpoint_policies
+  # name ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", ...).
+  c.train.remat = "none"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                             # -1 takes the devices left over
@@ -192,11 +198,12 @@ def apply_seq2seq_args(c, flags, values, known_flags, local_data, tokenizer_fiel
     c.train.weight_decay = 0.01
     c.train.label_smoothing = 0.1
     if "model" not in values:
-      from flaxhf.data.tokenizer_training import cached_tokenizer_dir  # trained once, then cached
-      if not os.path.isfile(c.data.train_file):  # the tokenizer is trained on it right here
-        raise FileNotFoundError(f"{c.data.train_file} not found: the local {c.task} run trains its "
-                                "tokenizer on it. Set FLAXHF_DATA to the folder that holds the "
-                                "bundled data (default ../shared/data).")
+      from flaxhf.data.tokenizer_training import cached_tokenizer_dir, expand_lang_paths
+      for path in expand_lang_paths(c.data.train_file, tokenizer_fields(c)):
+        if not os.path.isfile(path):  # the tokenizer is trained on it right here
+          raise FileNotFoundError(f"{path} not found: the local {c.task} run trains its "
+                                  "tokenizer on it. Set FLAXHF_DATA to the folder that holds the "
+                                  "bundled data (default ../shared/data).")
       train_rows = _held_out_rows(c)
       c.model.tokenizer = cached_tokenizer_dir(
           c.data.train_file, tokenizer_fields(c), family, vocab_size=4000, skip_rows=train_rows,

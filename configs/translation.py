@@ -6,13 +6,16 @@ ARGS, comma-separated:
                 ../shared/data); its first 5% of rows are held out for evaluation (the tokenizer never
                 sees them).
   newstest      with local: evaluate on WMT16 newstest2016 en-ro (1999 news sentences) instead.
+  multi30k      with local: Multi30k de-en instead (29000 image captions, line-aligned
+                train.{lang}.gz files; evaluated on its 1014 validation captions).
   family=NAME   t5 | bart | marian: the from-scratch model type and tokenizer layout (local).
   scratch       random init from the checkpoint's config (its tokenizer kept).
   smoke         a run of seconds; model=NAME_OR_PATH (a checkpoint to fine-tune); steps=N.
 The hub default is google-t5/t5-small on wmt16 ro-en with T5's "translate English to Romanian: "
 prefix, as the run_translation.py README.
 
-Rows are {"translation": {"en": ..., "ro": ...}}: data.source_lang / data.target_lang pick the pair;
+Rows are {"translation": {"en": ..., "ro": ...}}, or a data.*_file path with "{lang}" names
+line-aligned parallel text files (gzip by suffix): data.source_lang / data.target_lang pick the pair;
 mBART also takes data.source_lang_code / data.target_lang_code (default en_XX, ro_RO, ...). Eval
 generates with eval.* (num_beams, max_new_tokens, ...) and scores BLEU and chrF (sacrebleu).
 """
@@ -23,9 +26,10 @@ from configs import common
 
 TATOEBA = os.path.join(common.DATA_DIR, "translation", "tatoeba_en_ro", "train.json")
 NEWSTEST = os.path.join(common.DATA_DIR, "translation", "wmt16_en_ro", "test.json")
+MULTI30K = os.path.join(common.DATA_DIR, "translation", "multi30k_de_en", "{split}.{{lang}}.gz")
 
 
-def _local_data(c, newstest: bool):
+def _local_data(c, newstest: bool, multi30k: bool):
   c.data.dataset = None
   c.data.subset = None
   c.data.train_file = TATOEBA
@@ -39,6 +43,11 @@ def _local_data(c, newstest: bool):
   c.train.eval_every = 500
   c.checkpoint.every_steps = 500
   c.eval.max_new_tokens = 64
+  if multi30k:  # captions: ~12 words
+    c.data.train_file = MULTI30K.format(split="train")
+    c.data.validation_file = MULTI30K.format(split="val")
+    c.data.validation_split_percentage = 0.0
+    c.data.source_lang, c.data.target_lang = "de", "en"
   if newstest:  # news sentences are longer
     c.data.validation_file = NEWSTEST
     c.data.validation_split_percentage = 0.0
@@ -62,11 +71,14 @@ def get_config(arg=None):
   c.data.max_source_length = 1024
   c.data.max_target_length = 128
   c.data.max_length = 1024
-  if "newstest" in flags and "local" not in flags:
-    raise ValueError("newstest is a variant of the local run: use local,newstest.")
+  for flag in ("newstest", "multi30k"):
+    if flag in flags and "local" not in flags:
+      raise ValueError(f"{flag} is a variant of the local run: use local,{flag}.")
+  if {"newstest", "multi30k"} <= flags:
+    raise ValueError("newstest evaluates the en-ro run; multi30k is de-en: pick one.")
   common.apply_seq2seq_args(
-      c, flags, values, known_flags=("newstest", "scratch"),
-      local_data=lambda c: _local_data(c, "newstest" in flags),
+      c, flags, values, known_flags=("newstest", "multi30k", "scratch"),
+      local_data=lambda c: _local_data(c, "newstest" in flags, "multi30k" in flags),
       tokenizer_fields=lambda c: [f"translation.{c.data.source_lang}",
                                   f"translation.{c.data.target_lang}"])
   c.lock()

@@ -118,6 +118,35 @@ def test_translation_prep_prefix_truncation_and_label_padding(tmp_path, tokenize
   np.testing.assert_array_equal(out["decoder_attention_mask"], labels != -100)
 
 
+def test_parallel_text_files_read_as_translation_pairs(tmp_path, tokenizers):
+  import gzip
+  _, tok = tokenizers["t5"]
+  for lang, side in (("en", 0), ("ro", 1)):  # Multi30k's layout: train.{lang}.gz, line-aligned
+    with gzip.open(tmp_path / f"train.{lang}.gz", "wt", encoding="utf-8") as f:
+      f.write("\n".join(pair[side] for pair in PAIRS) + "\n")
+  val = _write_jsonl(tmp_path / "val.json", _translation_rows()[:2])
+  cfg = {"train_file": str(tmp_path / "train.{lang}.gz"), "validation_file": val,
+         "source_lang": "en", "target_lang": "ro", "max_source_length": 32, "max_target_length": 32}
+  data = s2s_data.prepare_seq2seq(cfg, tok, "translation")
+  assert len(data.train) == 5 and data.eval_raw["targets"] == [PAIRS[0][1], PAIRS[1][1]]
+  assert data.train.seqs["labels"][3].tolist() == tok(text_target=PAIRS[3][1])["input_ids"]
+  # The tokenizer command reads the same files through the translation.<lang> fields.
+  texts = tt.read_texts(str(tmp_path / "train.{lang}.gz"), ["translation.en", "translation.ro"])
+  assert texts == [p[0] for p in PAIRS] + [p[1] for p in PAIRS]
+  with gzip.open(tmp_path / "bad.ro.gz", "wt", encoding="utf-8") as f:
+    f.write("Unu\nDoi\n")
+  (tmp_path / "bad.en.gz").write_bytes(gzip.compress(b"One\n\nThree\n"))
+  with pytest.raises(DataError, match="not line-aligned: .*bad.en.gz has 3 lines, .*has 2"):
+    s2s_data.prepare_seq2seq({**cfg, "train_file": str(tmp_path / "bad.{lang}.gz")}, tok,
+                             "translation")
+  (tmp_path / "bad.ro.gz").write_bytes(gzip.compress(b"Unu\nDoi\nTrei\n"))
+  with pytest.raises(DataError, match="bad.en.gz line 2 is empty"):
+    s2s_data.prepare_seq2seq({**cfg, "train_file": str(tmp_path / "bad.{lang}.gz")}, tok,
+                             "translation")
+  with pytest.raises(DataError, match="not found"):
+    s2s_data.prepare_seq2seq({**cfg, "source_lang": "fr"}, tok, "translation")
+
+
 def test_mbart_layout_and_summarization_skips_empty_summaries(tmp_path, tokenizers, caplog):
   _, tok = tokenizers["mbart"]
   path = _write_jsonl(tmp_path / "t.json", _translation_rows())

@@ -17,6 +17,7 @@ Bad rows:
                 split with no usable row is an error.
 """
 
+import gzip
 import logging
 from typing import Any, List, Tuple
 
@@ -123,6 +124,49 @@ def tokenize(tokenizer, texts: List[str], max_length: int, target: bool = False,
   return out
 
 
+def parallel_text_pairs(path: str, cfg: Any) -> Tuple[List[str], List[str]]:
+  """(sources, targets) from line-aligned text files, `path` with "{lang}" = data.source_lang /
+  data.target_lang (Multi30k's train.{lang}.gz; gzip read by suffix)."""
+  langs = get_option(cfg, "source_lang"), get_option(cfg, "target_lang")
+  if not all(langs):
+    raise DataError("Translation needs data.source_lang and data.target_lang (e.g. 'de', 'en').")
+  sides = []
+  for lang in langs:
+    name = path.format(lang=lang)
+    try:
+      with (gzip.open if name.endswith(".gz") else open)(name, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    except FileNotFoundError as e:
+      raise DataError(f"Parallel text file {name} not found (from {path} with {{lang}}={lang}).") from e
+    while lines and not lines[-1].strip():
+      lines.pop()
+    sides.append(lines)
+  (src, tgt), (a, b) = sides, (path.format(lang=l) for l in langs)
+  if len(src) != len(tgt):
+    raise DataError(f"Parallel files are not line-aligned: {a} has {len(src)} lines, {b} has "
+                    f"{len(tgt)}.")
+  for i, (s, t) in enumerate(zip(src, tgt)):
+    if not s.strip() or not t.strip():
+      raise DataError(f"{a if not s.strip() else b} line {i + 1} is empty: parallel files need a "
+                      "text on every line. Fix or drop that line in both files.")
+  return src, tgt
+
+
+def load_texts(cfg: Any, pairs) -> dict:
+  """(sources, targets) per role: parallel text files for data.*_file paths holding "{lang}",
+  else the datasets source (local files, TFDS or the hub) through `pairs`."""
+  files = {role: get_option(cfg, f"{role}_file") for role in sources.ROLES}
+  if not any(f and "{lang}" in f for f in files.values()):
+    return {role: pairs(ds, cfg, sources.describe(cfg, role))
+            for role, ds in sources.load_splits(cfg).items()}
+  if pairs is not translation_pairs:
+    raise DataError("Paths with {lang} (line-aligned parallel text files) are for translation; "
+                    "summarization reads csv / json lines with text and summary columns.")
+  return {role: parallel_text_pairs(f, cfg) if "{lang}" in f
+          else pairs(sources.read_file(f), cfg, sources.describe(cfg, role))
+          for role, f in files.items() if f}
+
+
 def held_out_rows(num_rows: int, percent: float) -> int:
   """How many of the first train rows data.validation_split_percentage holds out (as run_clm.py)."""
   n = max(1, int(round(num_rows * percent / 100)))
@@ -141,8 +185,7 @@ def prepare_seq2seq(data_cfg: Any, tokenizer, kind: str, mbart: bool = False) ->
   codes = mbart_codes(data_cfg, tokenizer) if mbart else (None, None)
   limits = {"train": get_option(data_cfg, "max_train_samples"),
             "validation": get_option(data_cfg, "max_eval_samples")}
-  texts = {role: pairs(ds, data_cfg, sources.describe(data_cfg, role))
-           for role, ds in sources.load_splits(data_cfg).items()}
+  texts = load_texts(data_cfg, pairs)
   percent = float(get_option(data_cfg, "validation_split_percentage", 0))
   if "validation" not in texts and "train" in texts and percent > 0:
     n = held_out_rows(len(texts["train"][0]), percent)

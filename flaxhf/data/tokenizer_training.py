@@ -9,6 +9,7 @@ mBART's language codes (e.g. "en_XX,ro_RO") become extra special tokens after th
 The folder loads with `AutoTokenizer.from_pretrained` as a `PreTrainedTokenizerFast`.
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -75,17 +76,33 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, family: str = "t5", voca
   return fast
 
 
+def read_lines(path: str, skip_rows: int = 0, max_rows: Optional[int] = None) -> List[str]:
+  """The non-blank lines [skip_rows, skip_rows + max_rows) of a text file (gzip if *.gz)."""
+  with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  return lines[skip_rows:None if max_rows is None else skip_rows + max_rows]
+
+
+def expand_lang_paths(path: str, fields: Sequence[str]) -> List[str]:
+  """The files behind `path`: itself, or one per language field when it holds "{lang}"."""
+  if "{lang}" not in path:
+    return [path]
+  return [path.format(lang=field.split(".")[-1]) for field in fields]
+
+
 def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
                max_rows: Optional[int] = None) -> List[str]:
   """Texts to train on from a JSON-lines file: each named field of each row ("translation.en" reads
   row["translation"]["en"]), rows [skip_rows, skip_rows + max_rows); a plain text file gives its
-  non-blank lines."""
+  non-blank lines; a path with "{lang}" names line-aligned parallel text files (Multi30k's
+  train.{lang}.gz), one per field's language."""
+  if "{lang}" in path:  # parallel text: "translation.de" reads path with {lang} = de
+    return [text for field in fields
+            for text in read_lines(path.format(lang=field.split(".")[-1]), skip_rows, max_rows)]
   texts = []
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  lines = lines[skip_rows:None if max_rows is None else skip_rows + max_rows]
+  lines = read_lines(path, skip_rows, max_rows)
   if not path.endswith((".json", ".jsonl")):
-    return [line.rstrip("\n") for line in lines]
+    return lines
   for n, line in enumerate(lines, skip_rows + 1):
     row = json.loads(line)
     for field in fields:
@@ -129,9 +146,10 @@ def cached_tokenizer_dir(path: str, fields: Sequence[str], family: str, vocab_si
                          max_rows: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
   """A tokenizer trained on `path`'s fields (rows from skip_rows on: a held-out head stays unseen),
   built once per (file, fields, family, size, rows) and cached."""
-  stat = os.stat(path)
-  key = json.dumps([os.path.abspath(path), stat.st_size, int(stat.st_mtime), list(fields), family,
-                    vocab_size, list(lang_codes), skip_rows, max_rows])
+  files = [(os.path.abspath(f), os.stat(f).st_size, int(os.stat(f).st_mtime))
+           for f in expand_lang_paths(path, fields)]
+  key = json.dumps([files, list(fields), family, vocab_size, list(lang_codes), skip_rows,
+                    max_rows])
   out = os.path.join(cache_root(cache_dir),
                      f"{family}-tokenizer-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
   return build_folder_once(out, lambda tmp: train_tokenizer(
