@@ -15,20 +15,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "heads", "kv", "mlp", "classes")
+# "layers" is the leading axis of weights stacked by scan_layers: never split (each step reads one).
+LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "heads", "kv", "mlp", "classes", "layers")
 
 _BATCH = ("data", "fsdp")
 
 RULES: Dict[str, Tuple[Tuple[str, object], ...]] = {
     # Pure data parallelism: weights replicated, batch split over every device.
     "dp": (("batch", _BATCH), ("seq", None), ("vocab", None), ("embed", None), ("heads", None),
-           ("kv", None), ("mlp", None), ("classes", None)),
+           ("kv", None), ("mlp", None), ("classes", None), ("layers", None)),
     # ZeRO-3 style: every weight split along its model dimension over `fsdp`.
     "fsdp": (("batch", _BATCH), ("seq", None), ("vocab", None), ("embed", "fsdp"),
-             ("heads", None), ("kv", None), ("mlp", None), ("classes", None)),
+             ("heads", None), ("kv", None), ("mlp", None), ("classes", None), ("layers", None)),
     # FSDP plus Megatron tensor parallelism: attention heads, MLP and vocabulary over `tensor`.
     "fsdp_tp": (("batch", _BATCH), ("seq", None), ("vocab", "tensor"), ("embed", "fsdp"),
-                ("heads", "tensor"), ("kv", None), ("mlp", "tensor"), ("classes", None)),
+                ("heads", "tensor"), ("kv", None), ("mlp", "tensor"), ("classes", None),
+                ("layers", None)),
 }
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ export are a strict key match: missing, unexpected or mismatched keys raise with
 """
 
 import copy
+import dataclasses
 import difflib
 import functools
 import logging
@@ -19,11 +20,17 @@ import numpy as np
 from flax import traverse_util
 
 from flaxhf.models import io, losses
+from flaxhf.models.layers import REMAT_POLICIES, LayerStack
 
 log = logging.getLogger("flaxhf")
 
 # Checkpoint keys every family drops on load: buffers, and poolers a head without one does not use.
 _ALWAYS_IGNORED = (r"(^|\.)position_ids$", r"(^|\.)token_type_ids$")
+# Families whose layers are not built by layers.layer_stack, and why (the message for scan/remat).
+_NO_LAYER_STACK = {
+    "albert": "ALBERT already reuses one set of layer weights at every depth (num_hidden_groups), so "
+              "there is no per-layer weight stack to scan",
+}
 _V4_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "from_pt", "use_auth_token",
               "force_download", "resume_download", "proxies", "subfolder", "from_flax")
 
@@ -57,7 +64,8 @@ class FlaxPreTrainedModel:
   new_ok_in_base = (r"(^|\.)pooler\.",)  # base-model keys that may be freshly initialised
 
   def __init__(self, config, input_shape=None, seed: int = 0, dtype=jnp.float32,
-               _do_init: bool = True, **kwargs):
+               _do_init: bool = True, scan_layers: bool = False, remat: str = "none",
+               gradient_checkpointing: bool = False, **kwargs):
     if kwargs:
       raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}.")
     if self.config_class is not None and not isinstance(config, self.config_class):
@@ -65,11 +73,46 @@ class FlaxPreTrainedModel:
                       f"{type(config).__name__}. Use flaxhf.FlaxAutoModel... to pick the class by config.")
     self.config = config
     self.dtype = jnp.dtype(dtype)
-    self.module = self.module_class(config=config, dtype=self.dtype)
+    if gradient_checkpointing and remat == "none":
+      remat = "nothing_saveable"  # v4's gradient_checkpointing: recompute every layer in backward
+    self._build_module(LayerStack(scan=bool(scan_layers), remat=remat))
     self.input_shape = input_shape or ((1, 1, 1) if self.task == "multiple_choice" else (1, 1))
     self._params = self.init_weights(jax.random.key(seed)) if _do_init else None
 
   # ---- construction and params -------------------------------------------------------------------
+  def _build_module(self, stack: LayerStack):
+    """The Linen module, with `stack` (scan/remat) for families that build theirs with layer_stack."""
+    fields = {f.name for f in dataclasses.fields(self.module_class)}
+    if "stack" not in fields and stack != LayerStack():
+      why = _NO_LAYER_STACK.get(self.config.model_type, "its layers are not built by "
+                                "flaxhf.models.layers.layer_stack yet")
+      supported = sorted({t for by_type in REGISTRY.values() for t, c in by_type.items()
+                          if "stack" in {f.name for f in dataclasses.fields(c.module_class)}})
+      raise ValueError(f"{type(self).__name__} (model_type {self.config.model_type!r}) does not "
+                       f"support scan_layers=True or remat: {why}. Drop scan_layers/remat (or "
+                       f"train.remat=none, model.scan_layers=False) for this family; supported: "
+                       f"{supported}.")
+    self.stack = stack
+    extra = {"stack": stack} if "stack" in fields else {}
+    self.module = self.module_class(config=self.config, dtype=self.dtype, **extra)
+    self.__dict__.pop("_boxed_shapes", None)
+    self.__dict__.pop("_stacked", None)
+
+  @property
+  def scan_layers(self) -> bool:
+    return self.stack.scan
+
+  @property
+  def remat(self) -> str:
+    return self.stack.remat
+
+  def enable_gradient_checkpointing(self, policy: str = "nothing_saveable"):
+    """transformers v4's switch: rematerialise each layer in the backward pass (same params)."""
+    if policy == "none":
+      raise ValueError(f"enable_gradient_checkpointing needs a policy other than 'none'; choose one "
+                       f"of {list(REMAT_POLICIES[1:])}.")
+    self._build_module(dataclasses.replace(self.stack, remat=policy))
+
   def dummy_inputs(self):
     ids = jnp.zeros(self.input_shape, jnp.int32)
     token_type_ids = jnp.zeros_like(ids) if self.uses_token_type_ids else None  # as __call__ passes
@@ -87,7 +130,43 @@ class FlaxPreTrainedModel:
     return nn.get_partition_spec(self._boxed_shapes)
 
   def param_shapes(self):
+    """Shapes of the params as the module holds them (scanned layers stacked on a leading axis)."""
     return jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.meta.unbox(self._boxed_shapes))
+
+  # ---- scanned layers <-> PyTorch keys -------------------------------------------------------------
+  @functools.cached_property
+  def _stacked(self) -> Dict[str, tuple]:
+    """Stacked param key -> (prefix, rest): `prefix.rest` [n, ...] is the PyTorch keys `prefix.{i}.rest`.
+
+    The prefix is the outermost module whose every weight has the leading "layers" axis (the scanned
+    layer, e.g. `bert.encoder.layer`); unscanned models have none.
+    """
+    specs = traverse_util.flatten_dict(self.logical_axes())
+    stacked = {p for p, spec in specs.items() if len(spec) and spec[0] == "layers"}
+    out = {}
+    for p in stacked:
+      for j in range(1, len(p)):
+        if all(q in stacked for q in specs if q[:j] == p[:j]):
+          out[".".join(p)] = (".".join(p[:j]), ".".join(p[j:]))
+          break
+    return out
+
+  def _unstack(self, flat: Dict[str, Any]) -> Dict[str, Any]:
+    """Module-layout flat params (or shapes) -> PyTorch keys, each stacked layer split into its own."""
+    out = {}
+    for k, v in flat.items():
+      if k not in self._stacked:
+        out[k] = v
+        continue
+      prefix, rest = self._stacked[k]
+      n = v[0] if isinstance(v, tuple) else v.shape[0]
+      for i in range(n):
+        out[f"{prefix}.{i}.{rest}"] = v[1:] if isinstance(v, tuple) else v[i]
+    return out
+
+  def _external_shapes(self) -> Dict[str, tuple]:
+    """The PyTorch state-dict keys and shapes this model loads and exports."""
+    return self._unstack(flatten(self.param_shapes()))
 
   def init_weights(self, rng, shardings=None):
     """Random parameters with transformers' initialisation; placed on `shardings` when given."""
@@ -105,8 +184,10 @@ class FlaxPreTrainedModel:
   def params(self, params):
     want, got = set(flatten(self.param_shapes())), set(flatten(params))
     if want != got:
+      hint = (" This model has scan_layers=True: its params hold each layer stack as one stacked "
+              "array; load per-layer weights with from_pretrained." if self._stacked else "")
       raise ValueError(f"params do not fit {type(self).__name__}: missing {_fmt(want - got)}; "
-                       f"unexpected {_fmt(got - want)}.")
+                       f"unexpected {_fmt(got - want)}.{hint}")
     self._params = params
 
   def num_parameters(self, params=None) -> int:
@@ -176,10 +257,13 @@ class FlaxPreTrainedModel:
   def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None,
                       dtype=jnp.float32, seed: int = 0, _do_init: bool = True,
                       ignore_mismatched_sizes: bool = False, trust_remote_code: bool = False,
-                      mesh=None, rules: str = "fsdp", input_shape=None, **kwargs):
+                      mesh=None, rules: str = "fsdp", input_shape=None, scan_layers: bool = False,
+                      remat: str = "none", gradient_checkpointing: bool = False, **kwargs):
     """Loads a Hugging Face checkpoint (folder or hub id) into this head, creating new head weights.
 
     With `mesh`, each tensor is placed straight onto its shards under the rule table `rules`.
+    `scan_layers` stacks the layers into one scanned layer on load; `remat` (a
+    jax.checkpoint_policies name) or `gradient_checkpointing` rematerialises each layer.
     Returns the model, or `(model, params)` with `_do_init=False` as in transformers v4.
     """
     if model_args:
@@ -204,7 +288,8 @@ class FlaxPreTrainedModel:
       raise ValueError(f"{model_dir} holds a {config.model_type!r} model, not {want_type!r}. Load it "
                        f"with the matching class, or with flaxhf.FlaxAutoModel... which picks it.")
     cls._check_config_kwargs(config, kwargs)
-    model = cls(config, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=False)
+    model = cls(config, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=False,
+                scan_layers=scan_layers, remat=remat, gradient_checkpointing=gradient_checkpointing)
     state = io.load_state_dict(model_dir)
     params = model._params_from_state_dict(state, seed=seed, mesh=mesh, rules=rules,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
@@ -219,7 +304,7 @@ class FlaxPreTrainedModel:
   def _params_from_state_dict(self, state, *, seed=0, mesh=None, rules="fsdp",
                               ignore_mismatched_sizes=False, source="checkpoint"):
     """Strictly matches a PyTorch-named state dict to this model's params; inits only the new head."""
-    expected = flatten(self.param_shapes())
+    expected = self._external_shapes()  # PyTorch keys, whether or not the layers are scanned
     prefix = self.base_model_prefix + "."
     is_head = any(k.startswith(prefix) for k in expected)
     has_prefix = any(k.startswith(prefix) for k in state)
@@ -264,10 +349,18 @@ class FlaxPreTrainedModel:
     if mesh is not None:
       from flaxhf import sharding
       shardings = flatten(sharding.param_shardings(self, mesh, rules))
-    init_params = flatten(self.init_weights(jax.random.key(seed))) if fresh else {}
+    init_params = self._unstack(flatten(self.init_weights(jax.random.key(seed)))) if fresh else {}
+
+    def on_host(k):
+      return np.asarray(init_params[k] if k in fresh else state[k], dtype=np.float32)
+
     flat = {}
-    for k in expected:
-      value = init_params[k] if k in fresh else np.asarray(state[k], dtype=np.float32)
+    for k, shape in flatten(self.param_shapes()).items():
+      if k in self._stacked:  # scanned: stack the per-layer tensors on the leading "layers" axis
+        prefix_k, rest = self._stacked[k]
+        value = np.stack([on_host(f"{prefix_k}.{i}.{rest}") for i in range(shape[0])])
+      else:
+        value = init_params[k] if k in fresh else on_host(k)
       if shardings is None:
         flat[k] = jnp.asarray(value)
       else:
@@ -277,14 +370,22 @@ class FlaxPreTrainedModel:
 
   # ---- export ------------------------------------------------------------------------------------
   def state_dict(self, params=None) -> Dict[str, np.ndarray]:
-    """The params as a PyTorch-named numpy state dict (gathered across hosts when sharded)."""
+    """The params as a PyTorch-named numpy state dict (gathered across hosts when sharded; scanned
+    layers split back into their per-layer keys)."""
     from jax.experimental import multihost_utils
+    flat = flatten(self.params if params is None else params)
+    want = flatten(self.param_shapes())
+    if set(flat) != set(want):
+      raise ValueError(f"params do not fit {type(self).__name__} (scan_layers={self.scan_layers}): "
+                       f"missing {_fmt(set(want) - set(flat))}; unexpected "
+                       f"{_fmt(set(flat) - set(want))}. Params from a scanned model need a model "
+                       "built with scan_layers=True, and unscanned ones one without.")
     out = {}
-    for k, v in flatten(self.params if params is None else params).items():
+    for k, v in flat.items():
       if isinstance(v, jax.Array) and not v.is_fully_addressable:
         v = multihost_utils.process_allgather(v, tiled=True)
       out[k] = np.asarray(jax.device_get(v), dtype=np.float32)
-    return out
+    return self._unstack(out)
 
   def export_config(self):
     config = copy.deepcopy(self.config)

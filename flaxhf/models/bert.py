@@ -13,8 +13,9 @@ from transformers import BertConfig, ElectraConfig, RobertaConfig
 from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
-                                  dot_product_attention, get_activation, merge_heads, split_heads)
+from flaxhf.models.layers import (Embedding, LayerNorm, LayerStack, Linear, attention_bias,
+                                  constrain, dot_product_attention, get_activation, layer_stack,
+                                  merge_heads, split_heads)
 
 
 def roberta_position_ids(input_ids, padding_idx):
@@ -83,6 +84,7 @@ class BertModule(nn.Module):
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
   add_pooling_layer: bool = True
+  stack: LayerStack = LayerStack()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids, position_ids=None,
@@ -93,25 +95,27 @@ class BertModule(nn.Module):
       x = Linear(c.hidden_size, (None, "embed"), c.initializer_range, dtype=d,
                  name="embeddings_project")(x)
     bias = attention_bias(attention_mask, d)
-    hidden, attentions = (x,), ()
-    for i in range(c.num_hidden_layers):
-      x, probs = BertLayer(c, d, name=f"encoder.layer.{i}")(x, bias, deterministic, output_attentions)
-      hidden, attentions = hidden + (x,), attentions + (probs,)
+    embedded = x
+    x, hidden, attentions = layer_stack(
+        lambda name: BertLayer(c, d, name=name), c.num_hidden_layers, "encoder.layer", self.stack,
+        x, bias, deterministic, output_attentions, collect=output_hidden_states)
     pooled = None
     if self.add_pooling_layer and c.model_type != "electra":
       pooled = jnp.tanh(Linear(c.hidden_size, (None, "embed"), c.initializer_range, dtype=d,
                                name="pooler.dense")(x[:, 0]))
     return O.BaseModelOutputWithPooling(
         last_hidden_state=x, pooler_output=pooled,
-        hidden_states=hidden if output_hidden_states else None,
+        hidden_states=(embedded,) + hidden if output_hidden_states else None,
         attentions=attentions if output_attentions else None)
 
 
 class BertHead(heads.Head):
   """The family's hooks: the encoder under `config.model_type`, BERT's classifier dropout and MLM."""
 
+  stack: LayerStack = LayerStack()
+
   def encoder(self):
-    return BertModule(self.config, self.dtype, add_pooling_layer=self.pooler,
+    return BertModule(self.config, self.dtype, add_pooling_layer=self.pooler, stack=self.stack,
                       name=self.config.model_type)
 
   def classifier_dropout(self):

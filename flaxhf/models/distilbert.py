@@ -11,8 +11,9 @@ from transformers import DistilBertConfig
 from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
-                                  dot_product_attention, get_activation, merge_heads, split_heads)
+from flaxhf.models.layers import (Embedding, LayerNorm, LayerStack, Linear, attention_bias,
+                                  constrain, dot_product_attention, get_activation, layer_stack,
+                                  merge_heads, split_heads)
 
 _EPS = 1e-12  # DistilBERT hard-codes its LayerNorm epsilon; the config has no field for it
 
@@ -74,6 +75,7 @@ class DistilBertModule(nn.Module):
 
   config: DistilBertConfig
   dtype: jnp.dtype = jnp.float32
+  stack: LayerStack = LayerStack()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
@@ -82,21 +84,22 @@ class DistilBertModule(nn.Module):
     c, d = self.config, self.dtype
     x = DistilBertEmbeddings(c, d, name="embeddings")(input_ids, position_ids, deterministic)
     bias = attention_bias(attention_mask, d)
-    hidden, attentions = (x,), ()
-    for i in range(c.n_layers):
-      x, probs = DistilBertLayer(c, d, name=f"transformer.layer.{i}")(x, bias, deterministic,
-                                                                      output_attentions)
-      hidden, attentions = hidden + (x,), attentions + (probs,)
+    embedded = x
+    x, hidden, attentions = layer_stack(
+        lambda name: DistilBertLayer(c, d, name=name), c.n_layers, "transformer.layer", self.stack,
+        x, bias, deterministic, output_attentions, collect=output_hidden_states)
     return O.BaseModelOutput(last_hidden_state=x,
-                             hidden_states=hidden if output_hidden_states else None,
+                             hidden_states=(embedded,) + hidden if output_hidden_states else None,
                              attentions=attentions if output_attentions else None)
 
 
 class DistilBertHead(heads.Head):
   """The family's hooks: the encoder under `distilbert`, its dropouts, pre_classifier and MLM names."""
 
+  stack: LayerStack = LayerStack()
+
   def encoder(self):
-    return DistilBertModule(self.config, self.dtype, name="distilbert")
+    return DistilBertModule(self.config, self.dtype, stack=self.stack, name="distilbert")
 
   def classifier_dropout(self):
     return self.config.dropout

@@ -18,8 +18,9 @@ from flaxhf.generation import GenerationMixin
 from flaxhf.models import heads, losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
-from flaxhf.models.layers import (Conv1D, Embedding, LayerNorm, attention_bias, constrain,
-                                  dot_product_attention, get_activation, merge_heads, split_heads)
+from flaxhf.models.layers import (Conv1D, Embedding, LayerNorm, LayerStack, attention_bias,
+                                  constrain, dot_product_attention, get_activation, layer_stack,
+                                  merge_heads, split_heads)
 
 
 def positions_from_mask(attention_mask):
@@ -70,16 +71,16 @@ class GPT2Attention(nn.Module):
   """Causal self-attention with a fused q/k/v `c_attn`; keeps the KV cache when one is given."""
 
   config: GPT2Config
-  layer_idx: int
   dtype: jnp.dtype = jnp.float32
 
-  def scale(self, head_dim):
+  def scale(self, head_dim, layer_idx):
     c = self.config
     scale = 1.0 / math.sqrt(head_dim) if c.scale_attn_weights else 1.0
-    return scale / (self.layer_idx + 1) if c.scale_attn_by_inverse_layer_idx else scale
+    return scale / (layer_idx + 1) if c.scale_attn_by_inverse_layer_idx else scale
 
   @nn.compact
-  def __call__(self, x_BxTxE, attention_mask, deterministic, output_attentions, init_cache=False):
+  def __call__(self, x_BxTxE, attention_mask, deterministic, output_attentions, init_cache=False,
+               layer_idx=0):
     c, d = self.config, self.dtype
     qkv = Conv1D(3 * c.n_embd, ("embed", "heads"), c.initializer_range, dtype=d, name="c_attn")(x_BxTxE)
     q, k, v = (split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
@@ -102,26 +103,26 @@ class GPT2Attention(nn.Module):
     bias = attention_bias(decoder_mask(attention_mask, first_slot, q.shape[1]), d)
     ctx, probs = dot_product_attention(q, k, v, bias, dropout_rate=c.attn_pdrop,
                                        deterministic=deterministic, module=self, dtype=d,
-                                       scale=self.scale(q.shape[-1]))
+                                       scale=self.scale(q.shape[-1], layer_idx))
     out = Conv1D(c.n_embd, ("heads", "embed"), _proj_std(c), dtype=d, name="c_proj")(merge_heads(ctx))
     out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
     return out, (probs if output_attentions else None)
 
 
 class GPT2Block(nn.Module):
-  """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); `layer_idx` is traced under scan."""
 
   config: GPT2Config
-  layer_idx: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxE, attention_mask, deterministic, output_attentions, init_cache):
+  def __call__(self, x_BxTxE, attention_mask, deterministic, output_attentions, init_cache,
+               layer_idx=0):
     c, d = self.config, self.dtype
     inner = c.n_inner if c.n_inner is not None else 4 * c.n_embd
     h = LayerNorm(c.layer_norm_epsilon, dtype=d, name="ln_1")(x_BxTxE)
-    a, probs = GPT2Attention(c, self.layer_idx, d, name="attn")(h, attention_mask, deterministic,
-                                                                output_attentions, init_cache)
+    a, probs = GPT2Attention(c, d, name="attn")(h, attention_mask, deterministic,
+                                                output_attentions, init_cache, layer_idx)
     x = x_BxTxE + a
     m = Conv1D(inner, ("embed", "mlp"), c.initializer_range, dtype=d, name="mlp.c_fc")(
         LayerNorm(c.layer_norm_epsilon, dtype=d, name="ln_2")(x))
@@ -137,6 +138,7 @@ class GPT2Module(nn.Module):
   config: GPT2Config
   dtype: jnp.dtype = jnp.float32
   add_pooling_layer: bool = False  # only the sequence classifier reads a pooled state
+  stack: LayerStack = LayerStack()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
@@ -153,14 +155,13 @@ class GPT2Module(nn.Module):
     x = x + Embedding(c.n_positions, c.n_embd, axes=(None, "embed"), std=std, dtype=d,
                       name="wpe")(position_ids)
     x = nn.Dropout(c.embd_pdrop)(x, deterministic=deterministic)
-    hidden, attentions = (), ()
-    for i in range(c.n_layer):
-      hidden += (x,)
-      x, probs = GPT2Block(c, i, d, name=f"h.{i}")(x, attention_mask, deterministic,
-                                                   output_attentions, init_cache)
-      attentions += (probs,)
+    embedded = x
+    x, outs, attentions = layer_stack(
+        lambda name: GPT2Block(c, d, name=name), c.n_layer, "h", self.stack, x, attention_mask,
+        deterministic, output_attentions, init_cache, pass_index=True, collect=output_hidden_states)
     x = LayerNorm(c.layer_norm_epsilon, dtype=d, name="ln_f")(x)
-    hidden += (x,)  # as transformers: the last hidden state is after ln_f
+    # As transformers: each block's input, then the last state after ln_f.
+    hidden = (embedded,) + outs[:-1] + (x,)
     hidden = hidden if output_hidden_states else None
     attentions = attentions if output_attentions else None
     if self.add_pooling_layer:
@@ -173,8 +174,11 @@ class GPT2Module(nn.Module):
 class GPT2Head(heads.Head):
   """The family's hooks: the decoder under `transformer`, GPT-2's dropout rule and its `score` layer."""
 
+  stack: LayerStack = LayerStack()
+
   def encoder(self):
-    return GPT2Module(self.config, self.dtype, add_pooling_layer=self.pooler, name="transformer")
+    return GPT2Module(self.config, self.dtype, add_pooling_layer=self.pooler, stack=self.stack,
+                      name="transformer")
 
   def classifier_dropout(self):  # GPT2ForTokenClassification's rule; GPT2Config has neither field
     c = self.config
@@ -238,6 +242,13 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
 
   def init_cache(self, batch_size: int, max_length: int):
     """A zero KV cache of `max_length` slots; its shapes come from jax.eval_shape, so no params are made."""
+    if self.scan_layers:
+      # A scanned cache would stack on a leading layer axis, but generation's beam reordering
+      # gathers axis 0 of every cache array: scan is a training-path feature for now.
+      raise NotImplementedError(
+          f"{type(self).__name__} was built with scan_layers=True, which supports training and "
+          "full-sequence calls only: the KV cache (init_cache, generate) needs the unscanned model. "
+          "Load it without scan_layers for generation (same checkpoint, same state_dict keys).")
     if max_length > self.config.n_positions:
       raise ValueError(f"max_length={max_length} exceeds GPT-2's n_positions={self.config.n_positions} "
                        "learned positions; generate fewer tokens or shorten the prompt.")

@@ -5,6 +5,7 @@ linear layer), so a flattened parameter tree *is* a Hugging Face state dict. Eve
 logical axis names from `flaxhf.sharding.LOGICAL_AXES`.
 """
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -207,3 +208,74 @@ class OutputBias(nn.Module):
   def __call__(self):
     return self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                       (self.size,), jnp.float32)
+
+
+# ---- the layer stack: a Python loop or one scanned layer, each layer optionally rematerialised ---
+# "none" keeps every activation; "full" is jax.checkpoint's default (save nothing, recompute all).
+_POLICY_NAMES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                 "everything_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+REMAT_POLICIES = ("none", "full") + tuple(n for n in _POLICY_NAMES if hasattr(jax.checkpoint_policies, n))
+
+
+def remat_policy(name: str):
+  """jax.checkpoint_policies.<name> ("full": None, jax.checkpoint's save-nothing default)."""
+  if name not in REMAT_POLICIES or name == "none":
+    raise ValueError(f"Unknown remat policy {name!r}; choose one of {list(REMAT_POLICIES)} "
+                     "(the named policies of jax.checkpoint_policies; 'none' turns remat off).")
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+  """How a family runs its layers: `scan` (one compiled layer, weights stacked on a leading "layers"
+  axis) and `remat` (a jax.checkpoint_policies name, or "none"). A hashable Linen module field."""
+
+  scan: bool = False
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.remat != "none":
+      remat_policy(self.remat)  # a bad name fails when the model is built, not inside a trace
+
+
+def layer_stack(make_layer, num_layers: int, name: str, stack: LayerStack, x, *args,
+                pass_index: bool = False, collect: bool = False):
+  """Runs `x, extra = layer(x, *args)` through `num_layers` layers; returns (x, xs, extras).
+
+  Unscanned, layer i is `make_layer(f"{name}.{i}")`, the PyTorch names. Scanned, one layer named
+  `name` runs under nn.scan with every weight stacked on a leading "layers" axis (base.py unstacks
+  them into `name.{i}.*` keys on export and stacks them on load). `xs` are the layer outputs (when
+  `collect`, for output_hidden_states) and `extras` each layer's second output, as tuples of length
+  `num_layers`. With `pass_index` the layer also gets `layer_idx=i` (traced under scan).
+  """
+  def maybe_remat(fn):
+    if stack.remat == "none":
+      return fn
+    # prevent_cse stops XLA from merging the recomputation back into the forward pass; a scan body
+    # is already opaque to that, where the guard would only block optimisations.
+    return nn.remat(fn, policy=remat_policy(stack.remat), prevent_cse=not stack.scan)
+
+  def run(layer, x, i):
+    return layer(x, *args, **({"layer_idx": i} if pass_index else {}))
+
+  if not stack.scan:
+    xs, extras = [], []
+    for i in range(num_layers):
+      def run_i(layer, x, i=i):  # i stays a Python int (GPT-2's per-layer scale is a constant)
+        return run(layer, x, i)
+      x, extra = maybe_remat(run_i)(make_layer(f"{name}.{i}"), x)
+      xs.append(x if collect else None)
+      extras.append(extra)
+    return x, tuple(xs), tuple(extras)
+
+  def body(layer, x, i):
+    y, extra = maybe_remat(run)(layer, x, i)
+    return y, (y if collect else None, extra)
+
+  scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True}, length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  x, (ys, extras) = scanned(make_layer(name), x, jnp.arange(num_layers))
+  def unstack(tree):
+    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(num_layers))
+  return x, unstack(ys), unstack(extras)

@@ -236,12 +236,13 @@ class Trainer:
                   "the casts cost time (benchmarks/train_step.py measured bf16 at ~0.9x the "
                   "speed of float32); use model.dtype=float32 on CPU.", cfg.model.dtype)
     cls = self.task.auto_class.model_class_for(model_config)
+    layers = dict(scan_layers=cfg.model.scan_layers, remat=cfg.train.remat)
     if resume_step is not None or cfg.model.from_scratch:
-      self.model = cls(model_config, dtype=dtype, _do_init=False)
+      self.model = cls(model_config, dtype=dtype, _do_init=False, **layers)
       params = None
     else:
       self.model = cls.from_pretrained(model_dir, config=model_config, dtype=dtype, mesh=self.mesh,
-                                       rules=cfg.mesh.rules, seed=cfg.train.seed)
+                                       rules=cfg.mesh.rules, seed=cfg.train.seed, **layers)
       params = self.model.params
     self._build_shardings()
     self.state, self.start_step = self._init_state(params, resume_step)
@@ -498,7 +499,8 @@ def export_checkpoint(step_dir: str, out_dir: str, tokenizer_dir: Optional[str] 
   config_dict = dict(meta["model_config"])
   config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
   cls = getattr(flaxhf, meta["model_class"])
-  model = cls(config, _do_init=False)
+  # A scanned run's checkpoint holds stacked layers: the same model unstacks them into PyTorch keys.
+  model = cls(config, _do_init=False, scan_layers=meta["config"]["model"].get("scan_layers", False))
   model.save_pretrained(out_dir, params=restore_arrays(step_dir)["params"])
   tokenizer_dir = tokenizer_dir or os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(step_dir))), "tokenizer")
