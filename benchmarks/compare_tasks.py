@@ -1,8 +1,10 @@
-"""MiniLM fine-tunes for NER, QA and multiple choice: flaxhf's engine vs a careful PyTorch loop.
+"""Fine-tunes in flaxhf's engine vs a careful PyTorch loop: MiniLM for NER, QA and multiple choice;
+a small encoder-decoder from scratch for translation and summarization.
 
-  python benchmarks/compare_tasks.py [--tasks ner,qa,mc] [--steps N] [--batch_size B] [--lr LR]
-      [--max_length L] [--max_train_samples N] [--max_eval_samples N] [--only flaxhf|torch]
-      [--seeds 42,43,44] [--set KEY=VALUE ...] [--dropout_off]
+  python benchmarks/compare_tasks.py [--tasks ner,qa,mc,translation,summarization] [--steps N]
+      [--batch_size B] [--lr LR] [--max_length L] [--max_train_samples N] [--max_eval_samples N]
+      [--only flaxhf|torch] [--seeds 42,43,44] [--set KEY=VALUE ...] [--dropout_off]
+      [--family bart|t5|marian] [--quick]
 
 Tasks use their `local` configs (configs/{token_classification,qa,multiple_choice}.py): CoNLL-2003,
 the SQuAD v1.1 article split and CODAH (SWAG layout), all with the offline MiniLM checkpoint.
@@ -24,6 +26,23 @@ with every dropout rate 0, the QA fine-tune gave the same EM/F1 to the hundredth
 With several seeds (which change the head's initialisation, dropout and data order on both sides)
 the table ends with each side's mean and standard deviation: compare means, since one seed moves
 CODAH accuracy by a point or more.
+
+Translation (Tatoeba en-ro, 5% held out) and summarization (DialogSum train / dev) use the `local`
+configs of configs/{translation,summarization}.py: a `--family` model (default bart; 128 wide, 3+3
+layers) from scratch with the tokenizer trained on the train text. PyTorch draws the initial
+weights (transformers' init for that config, with the vocabulary and special ids flaxhf's task
+sets) and saves them; flaxhf fine-tunes from that folder, so both start from the same weights.
+Same batches in the same order (flaxhf's batcher; PyTorch pads to the batch's longest), the same
+loss (the config's label smoothing, 0.1 in `local`: transformers' LabelSmoother on flaxhf's side,
+torch's cross_entropy(label_smoothing=) on PyTorch's, the same formula), the same optimizer and
+schedule; then both generate from every eval source with the config's eval.* settings (greedy,
+eval.max_new_tokens) and the task's own scorer (sacrebleu BLEU / rouge-score ROUGE-L via
+flaxhf.metrics) scores the decoded text. The table ends with whether flaxhf's mean is within 1
+point of PyTorch's. A few hundred steps only start to translate (BLEU of a few points), so a small
+difference there says less than it would at convergence: raise --steps for a stronger check.
+`--quick` checks the script end to end in about a minute: the `smoke` variants (a 64-wide 2+2 model,
+48-token texts), 20 steps, 16 eval examples (MiniLM tasks: 20 steps, 320 train / 16 eval examples).
+
 The machine header (benchmarks/machine.py: CPU, cores, flags, versions, GEMM peaks) comes first.
 Wall s is the training loop plus evaluation; for flaxhf it includes jit compilation, the final
 checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
@@ -58,24 +77,46 @@ TASKS = {
     "mc": dict(config="configs.multiple_choice", auto="AutoModelForMultipleChoice",
                steps=300, batch_size=8, lr=None, max_length=64, max_train_samples=None,
                max_eval_samples=None),
+    # From scratch: batch size, lr (1e-3) and lengths from the local config (None: keep it).
+    "translation": dict(config="configs.translation", auto="AutoModelForSeq2SeqLM", steps=500,
+                        batch_size=None, lr=None, max_length=None, max_train_samples=None,
+                        max_eval_samples=None),
+    "summarization": dict(config="configs.summarization", auto="AutoModelForSeq2SeqLM", steps=300,
+                          batch_size=None, lr=None, max_length=None, max_train_samples=None,
+                          max_eval_samples=None),
 }
-NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)"}
+NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)",
+         "translation": "MT (Tatoeba en-ro)", "summarization": "Sum (DialogSum)"}
+SEQ2SEQ = ("translation", "summarization")
+QUICK = dict(steps=20, max_train_samples=320, max_eval_samples=16)  # --quick, unless a flag is set
 
 
 def task_config(name, args, seed):
   """The task's `local` config with this run's overrides (the config stays locked: typos fail)."""
   spec = TASKS[name]
-  cfg = importlib.import_module(spec["config"]).get_config("local")
+  variant = "local" + (",smoke" if args.quick and name in SEQ2SEQ else "")
+  if name in SEQ2SEQ:
+    variant += f",family={args.family}"
+  cfg = importlib.import_module(spec["config"]).get_config(variant)
 
-  def pick(flag):  # an explicit flag wins over the task default
+  def pick(flag):  # an explicit flag wins over --quick, then the task default
     value = getattr(args, flag)
+    if value is None and args.quick and flag in QUICK:
+      return QUICK[flag]
     return spec[flag] if value is None else value
 
-  cfg.train.steps, cfg.train.batch_size = pick("steps"), pick("batch_size")
-  lr = pick("lr")
-  if lr is not None:
-    cfg.train.learning_rate = lr
-  cfg.data.max_length = pick("max_length")
+  for key, flag in (("steps", "steps"), ("batch_size", "batch_size"), ("learning_rate", "lr")):
+    if pick(flag) is not None:  # None: the local config's
+      cfg.train[key] = pick(flag)
+  if name in SEQ2SEQ:
+    if args.quick:  # one shape each: one train step, eval step and generate program to compile
+      cfg.train.eval_batch_size = 16
+      cfg.data.buckets = (int(cfg.data.max_length),)
+    if pick("max_length") is not None:  # sources; the padding cap must hold the targets too
+      cfg.data.max_source_length = pick("max_length")
+      cfg.data.max_length = max(pick("max_length"), cfg.data.max_target_length)
+  else:
+    cfg.data.max_length = pick("max_length")
   if name == "qa":  # keep run_qa.py's overlap of a third (128 of 384) for shorter windows
     cfg.data.doc_stride = min(cfg.data.doc_stride, cfg.data.max_length // 3)
   cfg.data.max_train_samples = pick("max_train_samples")
@@ -183,6 +224,21 @@ def torch_loss(cfg, model, batch):
           + ce(out.end_logits, labels["end_positions"])) / 2
 
 
+def torch_optimizer(model, t):
+  """(AdamW, schedule) as flaxhf.train.optim.make_optimizer builds them from the train config."""
+  import torch
+  import transformers
+  named = list(model.named_parameters())
+  no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
+  decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate,
+                          betas=(t.adam_b1, t.adam_b2), eps=t.adam_eps)
+  # flaxhf.train.optim.make_optimizer's warmup rule, so both schedules peak on the same step.
+  warmup = int(round(t.warmup_ratio * t.steps)) if t.warmup_steps is None else int(t.warmup_steps)
+  return opt, transformers.get_linear_schedule_with_warmup(opt, warmup, t.steps)
+
+
 def run_torch(name, cfg, task, data, threads, init_dir=None):
   """The same fine-tune as a PyTorch transformers loop, from `init_dir` if given; (metrics, wall s)."""
   import torch
@@ -197,15 +253,7 @@ def run_torch(name, cfg, task, data, threads, init_dir=None):
   task.configure_model(config, data)  # the labels / num_labels flaxhf's model gets
   auto = getattr(transformers, TASKS[name]["auto"])
   model = auto.from_pretrained(init_dir or path, config=config)
-  named = list(model.named_parameters())
-  no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
-  decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate,
-                          betas=(t.adam_b1, t.adam_b2), eps=t.adam_eps)
-  # flaxhf.train.optim.make_optimizer's warmup rule, so both schedules peak on the same step.
-  warmup = int(round(t.warmup_ratio * t.steps)) if t.warmup_steps is None else int(t.warmup_steps)
-  sched = transformers.get_linear_schedule_with_warmup(opt, warmup, t.steps)
+  opt, sched = torch_optimizer(model, t)
   pad = {"input_ids": config.pad_token_id or 0, "labels": -100, **data.pad_values}
   inputs, labels = tuple(task.model_inputs), tuple(task.label_fields)
   buckets = exact_buckets(cfg.data.max_length)
@@ -242,10 +290,115 @@ def run_torch(name, cfg, task, data, threads, init_dir=None):
   return metrics, time.perf_counter() - t0
 
 
+# ---- translation and summarization -------------------------------------------------------------
+def seq2seq_init(cfg, args, seed, init_dir):
+  """Builds the local config's from-scratch model in PyTorch, saves it (and the tokenizer) in
+  `init_dir` and points cfg's model there, unless --independent_init; (torch model, task, data)."""
+  import torch
+  import transformers
+  from flaxhf.train import engine
+  from flaxhf.train.tasks import get_task
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  task = get_task(cfg)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+  data = task.prepare(tokenizer)
+  config = engine.load_model_config(cfg.model, None)
+  task.configure_model(config, data)  # the vocabulary, special and start ids flaxhf's model gets
+  if args.dropout_off:
+    for key, value in config.to_dict().items():
+      if "dropout" in key and isinstance(value, float):
+        setattr(config, key, 0.0)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+  if not args.independent_init:  # flaxhf fine-tunes from PyTorch's initial weights
+    model.save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+    cfg.model.name_or_path = cfg.model.tokenizer = init_dir
+    cfg.model.config_name = cfg.model.config_overrides = None
+    cfg.model.from_scratch = False
+  return model, task, data
+
+
+def run_torch_seq2seq(cfg, model, task, data, threads):
+  """The same fine-tune as a PyTorch loop, then generation and the task's text scores;
+  (metrics, wall s)."""
+  import torch
+  from flaxhf.data import batching
+  torch.set_num_threads(threads)
+  torch.manual_seed(cfg.train.seed)
+  t, d = cfg.train, cfg.data
+  opt, sched = torch_optimizer(model, t)
+  pad = {"input_ids": task.tokenizer.pad_token_id, "labels": -100, **data.pad_values}
+  buckets = exact_buckets(int(d.max_length))
+  batches = batching.train_batches(data.train, global_batch_size=t.batch_size, seed=t.seed,
+                                   buckets=buckets, max_length=int(d.max_length), pad_values=pad,
+                                   group_by_length=d.group_by_length)
+  eps = float(t.label_smoothing)
+  model.train()
+  t0 = time.perf_counter()
+  for _ in range(t.steps):
+    batch = to_torch(next(batches), ("input_ids", "attention_mask", "labels"))
+    out = model(**batch)  # transformers shifts the labels into decoder inputs
+    # torch's label smoothing is LabelSmoother's: (1 - eps) NLL + eps mean(-log p), over labels.
+    loss = out.loss if not eps else torch.nn.functional.cross_entropy(
+        out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100,
+        label_smoothing=eps)
+    loss.backward()
+    if t.max_grad_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+  model.eval()
+  tokens = [None] * len(data.eval)
+  kw = task.generation_kwargs()  # eval.*: what flaxhf's eval generates with
+  with torch.inference_mode():
+    for batch in batching.eval_batches(
+        data.eval, global_batch_size=t.eval_batch_size, buckets=buckets,
+        max_length={"input_ids": int(d.max_source_length), "labels": int(d.max_target_length)},
+        pad_values=pad, sort_by_length=True):
+      n = int(batch["example_mask"].sum())  # dummy rows fill only the tail of the last batch
+      out = model.generate(**to_torch(batch, ("input_ids", "attention_mask"), n), **kw)
+      for row, i in enumerate(batch["example_index"][:n]):
+        tokens[i] = out[row].numpy()
+  texts = [x.strip() for x in task.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+  metrics = task.text_metrics(texts, data.eval_raw["targets"])
+  return metrics, time.perf_counter() - t0
+
+
+def run_seq2seq_task(name, args, seed):
+  """Translation or summarization on both sides with one seed: a result row for the table."""
+  from flaxhf.train.tasks import get_task
+  cfg = task_config(name, args, seed)
+  row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
+  init_dir = tempfile.mkdtemp(prefix="init_")
+  try:
+    model, task, data = seq2seq_init(cfg, args, seed, init_dir)
+    row["model"] = (f"{model.config.model_type} {model.num_parameters() / 1e6:.1f}M params, "
+                    f"vocab {model.config.vocab_size}")
+    if args.only != "torch":
+      results, row["flaxhf_s"], _ = run_flaxhf(cfg)
+      row["flaxhf"] = main_metric(get_task(cfg), results)
+      print(f"[{name} seed {seed}] flaxhf: {row['flaxhf'][0]} {fmt(row['flaxhf'][1])}  "
+            f"({row['flaxhf_s']:.1f} s)", flush=True)
+    if args.only != "flaxhf":
+      metrics, row["torch_s"] = run_torch_seq2seq(cfg, model, task, data, args.threads)
+      row["torch"] = main_metric(task, metrics)
+      print(f"[{name} seed {seed}] pytorch: {row['torch'][0]} {fmt(row['torch'][1])}  "
+            f"({row['torch_s']:.1f} s)", flush=True)
+  finally:
+    shutil.rmtree(init_dir, ignore_errors=True)
+  row["sizes"] = (len(data.train), len(data.eval))
+  return row
+
+
 def run_task(name, args, seed):
   """One task on both sides with one seed: a result row for the table."""
   from transformers import AutoTokenizer
   from flaxhf.train.tasks import get_task
+  if name in SEQ2SEQ:
+    return run_seq2seq_task(name, args, seed)
   cfg = task_config(name, args, seed)
   row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
   data = None
@@ -274,12 +427,18 @@ def run_task(name, args, seed):
 
 def print_table(rows, threads):
   """The settings of each task, then task | metric | flaxhf | PyTorch | flaxhf s | PyTorch s."""
-  print(f"\nMiniLM fine-tunes, float32, one JAX device, torch threads {threads}")
+  print(f"\nFine-tunes, float32, one JAX device, torch threads {threads}")
   for r in [r for r in rows if r["seed"] == rows[0]["seed"]]:
     c, unit = r["cfg"], "windows" if "QA" in r["task"] else "examples"
+    if "model" in r:  # translation / summarization
+      lengths = (f"source/target {c.data.max_source_length}/{c.data.max_target_length}, label "
+                 f"smoothing {c.train.label_smoothing:g}, eval generation "
+                 f"{task_generation(c)}; {r['model']} from scratch")
+    else:
+      lengths = f"max_length {c.data.max_length}; MiniLM"
     print(f"  {r['task']}: {c.train.steps} steps x {c.train.batch_size}, lr "
-          f"{c.train.learning_rate:g}, warmup {c.train.warmup_ratio:g}, max_length "
-          f"{c.data.max_length}, {r['sizes'][0]} train / {r['sizes'][1]} eval {unit}")
+          f"{c.train.learning_rate:g}, warmup {c.train.warmup_ratio:g}, {lengths}, "
+          f"{r['sizes'][0]} train / {r['sizes'][1]} eval {unit}")
   head = ("task", "seed", "metric", "flaxhf metric", "PyTorch metric", "flaxhf wall s",
           "PyTorch wall s")
   widths = (18, 5, 8, 16, 16, 13, 14)
@@ -309,6 +468,19 @@ def print_table(rows, threads):
             for k in ("flaxhf_s", "torch_s")]
     line(task, "mean", (runs[0].get("flaxhf") or runs[0].get("torch"))[0], *cells,
          *(f"{x:.1f}" if x is not None else "-" for x in secs))
+  for task in dict.fromkeys(r["task"] for r in rows if "model" in r):  # BLEU / ROUGE points
+    runs = [r for r in rows if r["task"] == task and "flaxhf" in r and "torch" in r]
+    if runs:
+      f, t = (np.mean([r[side][1][0] for r in runs]) for side in ("flaxhf", "torch"))
+      print(f"{task}: flaxhf {runs[0]['flaxhf'][0]} {f:.2f} vs PyTorch {t:.2f} (mean of "
+            f"{len(runs)} seed(s)): difference {f - t:+.2f}; within 1 point: "
+            f"{'yes' if abs(f - t) <= 1.0 else 'no'}")
+
+
+def task_generation(c):
+  """The eval generation settings of a seq2seq config, e.g. 'greedy, 64 new tokens'."""
+  beams = int(c.eval.num_beams or 1)
+  return f"{'greedy' if beams == 1 else f'beam {beams}'}, max {c.eval.max_new_tokens} new tokens"
 
 
 def task_defaults(flag):
@@ -318,7 +490,8 @@ def task_defaults(flag):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--tasks", default="ner,qa,mc", help="comma-separated subset of ner,qa,mc")
+  p.add_argument("--tasks", default="ner,qa,mc",
+                 help="comma-separated subset of ner,qa,mc,translation,summarization")
   for flag in ("steps", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
     p.add_argument(f"--{flag}", type=int, default=None, help=task_defaults(flag))
   p.add_argument("--lr", type=float, default=None,
@@ -332,7 +505,12 @@ def main():
   p.add_argument("--dropout_off", action="store_true",
                  help="every dropout rate 0 on both sides: the runs then differ only by rounding")
   p.add_argument("--independent_init", action="store_true",
-                 help="PyTorch draws its own head instead of starting from flaxhf's initial weights")
+                 help="PyTorch draws its own head instead of starting from flaxhf's initial "
+                 "weights (translation/summarization: each side its own from-scratch init)")
+  p.add_argument("--family", choices=["bart", "t5", "marian"], default="bart",
+                 help="translation/summarization: the from-scratch model family")
+  p.add_argument("--quick", action="store_true",
+                 help="a check of seconds: tiny models, 20 steps, 16 eval examples")
   args = p.parse_args()
   names = [n.strip() for n in args.tasks.split(",") if n.strip()]
   unknown = [n for n in names if n not in TASKS]
