@@ -207,6 +207,10 @@ def test_bad_streaming_configs_name_the_fix(tmp_path, minilm_path, gpt2_tok):
                           "validation_split_percentage": 5.0}, gpt2_tok)
   with pytest.raises(DataError, match="streaming reads local files or the hub, not TFDS"):
     sources.stream_texts({"tfds_name": "wikipedia"})
+  if os.environ.get("HF_HUB_OFFLINE") == "1":  # conftest's default: no hub
+    with pytest.raises(DataError, match=r"Could not stream dataset 'wikitext'.*HF_HUB_OFFLINE=1 "
+                                        r"is set.*data.train_file=PATH"):
+      next(sources.stream_texts({"dataset": "wikitext", "subset": "wikitext-2-raw-v1"}).iterate())
   short = tmp_path / "short.txt"
   short.write_text("a few words\n")
   stream = clm_data.prepare_clm({"train_file": str(short), "streaming": True, "block_size": 64},
@@ -270,7 +274,8 @@ def test_sigkill_then_rerun_resumes_the_stream_exactly(tmp_path):
   try:
     while not (steps_dir.is_dir() and any(p.name.isdigit() for p in steps_dir.iterdir())):
       if child.poll() is not None or time.monotonic() > deadline:
-        pytest.fail("no checkpoint appeared while the run was alive\n" + child.communicate()[1][-4000:])
+        pytest.fail("no checkpoint appeared while the run was alive\n"
+                    + child.communicate()[1][-4000:])
       time.sleep(0.02)
     os.kill(child.pid, signal.SIGKILL)
   finally:

@@ -338,9 +338,10 @@ def stream_texts(cfg: Any, role: str = "train", *, column: str = "text", unit: s
         return datasets.load_dataset(name, subset, split=split, streaming=True)
       except OSError as e:  # as _load_hub: every "not reachable / not found" is an OSError
         why = "HF_HUB_OFFLINE=1 is set" if _hub_offline() else "the hub could not be reached"
-        raise DataError(f"Could not stream dataset {name!r}{f' (subset {subset!r})' if subset else ''}"
-                        f" split {split!r} from the Hugging Face hub: {why} ({type(e).__name__}: "
-                        f"{e}). Pass local files instead: --config.data.train_file=PATH.") from e
+        sub = f" (subset {subset!r})" if subset else ""
+        raise DataError(f"Could not stream dataset {name!r}{sub} split {split!r} from the Hugging "
+                        f"Face hub: {why} ({type(e).__name__}: {e}). Pass local files instead: "
+                        "--config.data.train_file=PATH.") from e
   else:
     raise DataError("No data source: set data.train_file (a local text, csv, tsv, json or jsonl "
                     "file) or data.dataset (hub name).")
