@@ -11,7 +11,8 @@ the model does not take that keyword):
     folder ("warm"). lower = trace + lowering to StableHLO, compile = XLA compile (a cache read when
     warm); for the `--execute` models the warm process also builds real weights and runs the step:
     1st step = lower + compile + the first execution, step = the second execution. Weight and
-    optimizer initialisation (their own small programs) is not counted.
+    optimizer initialisation (their own small programs) is not counted. Each cell is wall/CPU
+    seconds: the process's CPU time (all threads) is what other jobs on the machine cannot inflate.
   memory: per device on 8 simulated CPU devices (XLA_FLAGS set before JAX starts, in a subprocess)
     for the rule tables dp (data=8), fsdp (fsdp=8) and fsdp_tp (fsdp=4 x tensor=2): params + AdamW
     state from the state's shardings, and XLA's memory analysis of the compiled step (arguments,
@@ -21,6 +22,7 @@ the model does not take that keyword):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -90,21 +92,28 @@ def timing_worker(args):
     params = model.init_weights(jax.random.key(0), shardings=shardings["params"])
     state = engine.init_state(tx, params, 0, shardings)
     jax.block_until_ready(state)
-  batch = memory.abstract_batch(mesh, data)
-  t0 = time.perf_counter()
-  lowered = step.lower(state, batch)
-  t1 = time.perf_counter()
-  lowered.compile()
-  out = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+  batch, out = memory.abstract_batch(mesh, data), {}
+  with clock(out, "lower"):
+    lowered = step.lower(state, batch)
+  with clock(out, "compile"):
+    lowered.compile()
   if args.execute:
     batch = jax.device_put(data, batch["input_ids"].sharding)
-    for key in ("run1_s", "run2_s"):
-      t = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      out[key] = time.perf_counter() - t
-    out["first_step_s"] = out["lower_s"] + out["compile_s"] + out["run1_s"]
+    for key in ("run1", "run2"):
+      with clock(out, key):
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    for kind in ("s", "cpu"):
+      out[f"first_step_{kind}"] = sum(out[f"{k}_{kind}"] for k in ("lower", "compile", "run1"))
   return out
+
+
+@contextlib.contextmanager
+def clock(out, name):
+  """Records wall seconds and this process's CPU seconds (all threads): other jobs inflate wall."""
+  t, c = time.perf_counter(), time.process_time()
+  yield
+  out[f"{name}_s"], out[f"{name}_cpu"] = time.perf_counter() - t, time.process_time() - c
 
 
 def memory_worker(args):
@@ -149,8 +158,11 @@ def run_worker(kind, model, scan, args, cache_dir=None, devices=1, execute=False
   return json.loads(lines[-1][len("RESULT "):])
 
 
-def fmt(x, spec):
-  return f"{x:{spec}}" if isinstance(x, (int, float)) else f"{NA:>{spec.split('.')[0]}}"
+def fmt(r, key, width=11):
+  """'wall/cpu' seconds of `key` in a worker's result, or n/a."""
+  if f"{key}_s" not in r:
+    return f"{NA:>{width}s}"
+  return f"{r[key + '_s']:.1f}/{r[key + '_cpu']:.1f}".rjust(width)
 
 
 def main():
@@ -180,10 +192,10 @@ def main():
   machine.print_header(title="compile_and_memory.py")
   rows = [(m, scan) for m in models for scan in (False, True)]
   label = lambda m, scan: m + (" scan" if scan else "")
-  print(f"compile, 1 CPU device, batch {args.batch}x{args.length}; seconds (fresh process each; "
-        f"warm = the cold run's persistent cache)")
-  print(f"{'model':16s} {'cold lower':>10s} {'compile':>8s} | {'warm lower':>10s} {'compile':>8s} "
-        f"{'1st step':>8s} {'step':>6s}", flush=True)
+  print(f"compile, 1 CPU device, batch {args.batch}x{args.length}; seconds wall/CPU of the process "
+        f"(fresh process each; warm = the cold run's persistent cache)")
+  print(f"{'model':16s} {'cold lower':>11s} {'compile':>11s} | {'warm lower':>11s} {'compile':>11s} "
+        f"{'1st step':>11s} {'step':>11s}", flush=True)
   for m, scan in rows:
     with tempfile.TemporaryDirectory(prefix="flaxhf_xla_") as cache:
       cold = run_worker("timing", m, scan, args, cache)
@@ -192,10 +204,9 @@ def main():
     if "error" in cold:
       print(f"{label(m, scan):16s} {cold['error']}", flush=True)
       continue
-    print(f"{label(m, scan):16s} {fmt(cold['lower_s'], '10.2f')} {fmt(cold['compile_s'], '8.2f')} | "
-          f"{fmt(warm.get('lower_s'), '10.2f')} {fmt(warm.get('compile_s'), '8.2f')} "
-          f"{fmt(warm.get('first_step_s'), '8.2f')} {fmt(warm.get('run2_s'), '6.3f')}",
-          flush=True)
+    print(f"{label(m, scan):16s} {fmt(cold, 'lower')} {fmt(cold, 'compile')} | "
+          f"{fmt(warm, 'lower')} {fmt(warm, 'compile')} {fmt(warm, 'first_step')} "
+          f"{fmt(warm, 'run2')}", flush=True)
   print()
   print(f"memory per device, MiB, 8 simulated CPU devices, batch {args.batch}x{args.length}: "
         f"params + AdamW state (from shardings) | XLA arguments, temporaries, total")
