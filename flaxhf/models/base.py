@@ -27,9 +27,14 @@ log = logging.getLogger("flaxhf")
 # Checkpoint keys every family drops on load: buffers, and poolers a head without one does not use.
 _ALWAYS_IGNORED = (r"(^|\.)position_ids$", r"(^|\.)token_type_ids$")
 # Families whose layers are not built by layers.layer_stack, and why (the message for scan/remat).
+_SEQ2SEQ_WHY = ("its layer stacks are not built with layer_stack yet: the seq2seq families generate "
+                "through a per-layer KV cache, whose beam reordering a stacked cache would break")
 _NO_LAYER_STACK = {
     "albert": "ALBERT already reuses one set of layer weights at every depth (num_hidden_groups), so "
               "there is no per-layer weight stack to scan",
+    "t5": "T5's first layer alone holds the relative attention bias, so its layers differ; and "
+          + _SEQ2SEQ_WHY,
+    **{t: _SEQ2SEQ_WHY for t in ("mt5", "bart", "mbart", "marian")},
 }
 _V4_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "from_pt", "use_auth_token",
               "force_download", "resume_download", "proxies", "subfolder", "from_flax")
