@@ -34,7 +34,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.model.config_name = placeholder(str)
   c.model.config_overrides = placeholder(str)
   # One scanned layer instead of num_layers copies (compiles once per stack); checkpoints and
-  # exports keep the per-layer PyTorch keys. BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2 (no generate).
+  # exports keep the per-layer PyTorch keys. BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2.
   c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()

@@ -153,7 +153,14 @@ def test_scan_loads_and_exports_pytorch_checkpoints(arch, tmp_path):
     spec = flatten(sharding.param_partition_specs(model, rules, mesh))
     assert all(s[0] is None for k, s in spec.items() if k in model._stacked), rules
   key = "bert.encoder.layer.intermediate.dense.weight" if arch == "bert" else "transformer.h.mlp.c_fc.weight"
-  assert tuple(spec[key]) == ((None, "tensor", "fsdp") if arch == "bert" else (None, "fsdp", "tensor"))
+  want_spec = (None, "tensor", "fsdp") if arch == "bert" else (None, "fsdp", "tensor")
+  assert tuple(spec[key]) == want_spec
+  # Loading straight onto the shards stacks the same tensors.
+  sharded = cls.from_pretrained(tmp_path / "pt", scan_layers=True, mesh=mesh, rules="fsdp_tp")
+  assert tuple(flatten(sharded.params)[key].sharding.spec) == want_spec
+  again = sharded.state_dict()
+  for k, v in model.state_dict().items():
+    np.testing.assert_array_equal(again[k], v, err_msg=k)
 
 
 @pytest.mark.parametrize("arch,stack", [
@@ -191,10 +198,19 @@ def test_bad_settings_fail_clearly():
     flaxhf.FlaxAutoModelForSeq2SeqLM.from_config(t5, remat="nothing_saveable", _do_init=False)
   assert layers.remat_policy("full") is None  # jax.checkpoint's own default: save nothing
   gpt2 = flaxhf.FlaxGPT2LMHeadModel(DECODER_CONFIGS["gpt2"](), scan_layers=True, _do_init=False)
-  with pytest.raises(NotImplementedError, match="scan_layers=True.*training.*without scan_layers"):
+  with pytest.raises(NotImplementedError, match="scan_layers=True.*KV cache.*generate\\(\\) works"):
     gpt2.init_cache(1, 8)
-  with pytest.raises(NotImplementedError, match="scan_layers=True"):
-    gpt2.generate(np.ones((1, 3), np.int32), max_new_tokens=2, params={})
+
+
+def test_scanned_gpt2_generates_as_the_plain_one():
+  plain, _, _ = reference("gpt2")
+  scanned = variant(plain, scan_layers=True)
+  prompt = np.array([[5, 17, 42, 8]], np.int32)
+  got = np.asarray(scanned.generate(prompt, max_new_tokens=3, do_sample=False).sequences)
+  assert got.shape == (1, 7)
+  # Greedy: each new token is the plain model's argmax after the tokens before it.
+  logits = jax.jit(lambda p: plain(got[:, :-1], params=p).logits)(plain.params)
+  np.testing.assert_array_equal(np.argmax(logits[0, 3:], -1), got[0, 4:])
 
 
 @pytest.fixture(scope="module")

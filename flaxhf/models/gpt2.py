@@ -17,7 +17,7 @@ from transformers import GPT2Config
 from flaxhf.generation import GenerationMixin
 from flaxhf.models import heads, losses
 from flaxhf.models import outputs as O
-from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
+from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class, unflatten
 from flaxhf.models.layers import (Conv1D, Embedding, LayerNorm, LayerStack, attention_bias,
                                   constrain, dot_product_attention, get_activation, layer_stack,
                                   merge_heads, split_heads)
@@ -246,9 +246,10 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
       # A scanned cache would stack on a leading layer axis, but generation's beam reordering
       # gathers axis 0 of every cache array: scan is a training-path feature for now.
       raise NotImplementedError(
-          f"{type(self).__name__} was built with scan_layers=True, which supports training and "
-          "full-sequence calls only: the KV cache (init_cache, generate) needs the unscanned model. "
-          "Load it without scan_layers for generation (same checkpoint, same state_dict keys).")
+          f"{type(self).__name__} was built with scan_layers=True, whose calls run full sequences "
+          "only: a KV cache (init_cache, past_key_values) needs the unscanned model. generate() "
+          "works (it decodes with an unscanned view of the same weights), or load the checkpoint "
+          "without scan_layers.")
     if max_length > self.config.n_positions:
       raise ValueError(f"max_length={max_length} exceeds GPT-2's n_positions={self.config.n_positions} "
                        "learned positions; generate fewer tokens or shorten the prompt.")
@@ -322,12 +323,28 @@ class FlaxGPT2PreTrainedModel(FlaxPreTrainedModel):
     return outputs.to_tuple() if return_dict is False else outputs
 
 
+class _ScannedGeneration(GenerationMixin):
+  """generate() of a scanned model: the unscanned twin decodes over the unstacked weights."""
+
+  def generate(self, input_ids, *args, params=None, **kwargs):
+    if not self.scan_layers:
+      return super().generate(input_ids, *args, params=params, **kwargs)
+    twin = self.__dict__.get("_decode_twin")
+    if twin is None:  # kept, so its compiled decode programs are reused across calls
+      twin = type(self)(self.config, dtype=self.dtype, _do_init=False, input_shape=self.input_shape)
+      self.__dict__["_decode_twin"] = twin
+    twin.generation_config = self.generation_config
+    # Slices of the stacked arrays (traced inside jit/pmap, copies outside it).
+    flat = self._unstack(flatten(self.params if params is None else params))
+    return twin.generate(input_ids, *args, params=unflatten(flat, twin.param_shapes()), **kwargs)
+
+
 def _declare(suffix, module, task, mixins=()):
   return model_class(f"FlaxGPT2{suffix}", FlaxGPT2PreTrainedModel, module, task, mixins)
 
 
 FlaxGPT2Model = _declare("Model", GPT2Module, None)
-FlaxGPT2LMHeadModel = _declare("LMHeadModel", GPT2LMHeadModule, "causal_lm", (GenerationMixin,))
+FlaxGPT2LMHeadModel = _declare("LMHeadModel", GPT2LMHeadModule, "causal_lm", (_ScannedGeneration,))
 FlaxGPT2ForSequenceClassification = _declare(
     "ForSequenceClassification", GPT2ForSequenceClassificationModule, "sequence_classification")
 FlaxGPT2ForTokenClassification = _declare(
