@@ -271,7 +271,17 @@ class _Runner:
   def decode_program(self, params, ids_NxP, mask_NxP, sequences_NxS, extra, traced, rng):
     model = self.model
     cache_len = ids_NxP.shape[1] + self.max_new
-    logits, state = model._generation_prefill(params, ids_NxP, mask_NxP, cache_len, extra)
+    e = max(self.num_beams, self.n_return)
+    if e == 1:
+      logits, state = model._generation_prefill(params, ids_NxP, mask_NxP, cache_len, extra)
+    else:
+      # The e rows of a source are copies: prefill (for encoder-decoders, encode) each source once
+      # and repeat its state, as transformers expands the encoder outputs; e times less prefill work.
+      logits, state = model._generation_prefill(params, ids_NxP[::e], mask_NxP[::e], cache_len,
+                                                {k: v[::e] for k, v in extra.items()})
+      logits = jnp.repeat(logits, e, axis=0)
+      state = jax.tree_util.tree_map(lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, e, axis=0),
+                                     state)
     lengths = search.Lengths(traced["prompt_len"], traced["max_length"])
     values = traced["processors"]
 

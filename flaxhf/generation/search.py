@@ -79,10 +79,31 @@ def _gather_beams(x_BxKx, index_BxN):
                              axis=1)
 
 
-def reorder_state(state, index_N):
-  """Selects rows `index_N` of every batched array of a decode state (a KV cache, masks)."""
-  return jax.tree_util.tree_map(lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, index_N, axis=0),
-                                state)
+def reorder_state(state, index_N, skip=None):
+  """Selects rows `index_N` of every batched array of a decode state (a KV cache, masks), except the
+  leaves flagged in `skip` (a list in tree_leaves order)."""
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  skip = skip or [False] * len(leaves)
+  return jax.tree_util.tree_unflatten(treedef, [
+      x if s or jnp.ndim(x) == 0 else jnp.take(x, index_N, axis=0) for x, s in zip(leaves, skip)])
+
+
+def unchanged_by_step(step: Callable, params, state, batch: int):
+  """Flags (in tree_leaves order) the state leaves that `step` returns as it got them: the encoder's
+  cross-attention keys and values, the masks. These are the prefill's, computed from each source's
+  rows repeated once per beam, so all beams of a source hold the same rows and reordering within a
+  source leaves them unchanged; skipping them saves a gather and a copy of each per step (on CPU,
+  memory traffic of the order of the decoder's own). Found by tracing `step` once more, abstractly."""
+  flags = []
+
+  def probe(params, state):
+    _, new = step(params, jnp.zeros((batch,), jnp.int32), state)
+    flags[:] = [a is b for a, b in zip(jax.tree_util.tree_leaves(state),
+                                       jax.tree_util.tree_leaves(new))]
+    return jnp.zeros(())
+
+  jax.eval_shape(probe, params, state)
+  return flags
 
 
 def beam_search(step: Callable, params, logits_NxV, state, sequences_BxS, lengths: Lengths,
@@ -96,8 +117,10 @@ def beam_search(step: Callable, params, logits_NxV, state, sequences_BxS, length
   [max_new_tokens, N, V] or None), best beam first. With `do_sample` the `keep` continuations are
   drawn without replacement (Gumbel top-k, the distribution of torch.multinomial's draw).
   """
-  reorder = reorder or reorder_state
   n, vocab = logits_NxV.shape
+  if reorder is None:
+    skip = unchanged_by_step(step, params, state, n)
+    reorder = lambda state, index_N: reorder_state(state, index_N, skip)  # noqa: E731
   batch, k = n // num_beams, num_beams
   seq_len = sequences_BxS.shape[-1]
   n_eos = 0 if eos_ids is None else eos_ids.shape[0]
