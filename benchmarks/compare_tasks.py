@@ -224,6 +224,17 @@ def torch_loss(cfg, model, batch):
           + ce(out.end_logits, labels["end_positions"])) / 2
 
 
+def torch_update(loss, model, opt, sched, max_grad_norm):
+  """One PyTorch optimizer step from `loss`, clipped as the engine clips (shared by every task)."""
+  import torch
+  loss.backward()
+  if max_grad_norm:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+  opt.step()
+  sched.step()
+  opt.zero_grad(set_to_none=True)
+
+
 def torch_optimizer(model, t):
   """(AdamW, schedule) as flaxhf.train.optim.make_optimizer builds them from the train config."""
   import torch
@@ -265,12 +276,7 @@ def run_torch(name, cfg, task, data, threads, init_dir=None):
   t0 = time.perf_counter()
   for _ in range(t.steps):
     loss = torch_loss(cfg, model, to_torch(next(batches), inputs + labels))
-    loss.backward()
-    if t.max_grad_norm:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    torch_update(loss, model, opt, sched, t.max_grad_norm)
   model.eval()
   preds = [None] * len(data.eval)
   with torch.no_grad():
@@ -344,12 +350,7 @@ def run_torch_seq2seq(cfg, model, task, data, threads):
     loss = out.loss if not eps else torch.nn.functional.cross_entropy(
         out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100,
         label_smoothing=eps)
-    loss.backward()
-    if t.max_grad_norm:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    torch_update(loss, model, opt, sched, t.max_grad_norm)
   model.eval()
   tokens = [None] * len(data.eval)
   kw = task.generation_kwargs()  # eval.*: what flaxhf's eval generates with
