@@ -13,7 +13,8 @@ from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
 from flaxhf.models.bert import BertEmbeddings
 from flaxhf.models.layers import (LayerNorm, Linear, attention_bias, constrain,
-                                  dot_product_attention, get_activation, merge_heads, split_heads)
+                                  dot_product_attention, get_activation, materialize_gradient,
+                                  merge_heads, split_heads)
 
 
 class AlbertLayer(nn.Module):
@@ -64,6 +65,7 @@ class AlbertModule(nn.Module):
     for i in range(c.num_hidden_layers):
       for layer in groups[int(i / (c.num_hidden_layers / c.num_hidden_groups))]:  # transformers' index
         x, probs = layer(x, bias, deterministic, output_attentions)
+        x = materialize_gradient(x)
         hidden, attentions = hidden + (x,), attentions + (probs,)
     pooled = None
     if self.add_pooling_layer:

@@ -26,7 +26,8 @@ from flaxhf.models import losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
 from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
-                                  dot_product_attention, get_activation, merge_heads, split_heads)
+                                  dot_product_attention, get_activation, materialize_gradient,
+                                  merge_heads, split_heads)
 
 _EPS = 1e-5          # torch.nn.LayerNorm's default, which every layer norm of the family uses
 _POSITION_OFFSET = 2  # BART's learned positions start at row 2 (a fairseq legacy)
@@ -245,7 +246,7 @@ class BartEncoder(nn.Module):
     for i in range(c.encoder_layers):
       hidden += (x,)
       y, probs = BartEncoderLayer(c, self.dtype, name=f"layers.{i}")(x, attention_mask, deterministic)
-      x = _layerdrop(self, x, y, c.encoder_layerdrop, deterministic)
+      x = materialize_gradient(_layerdrop(self, x, y, c.encoder_layerdrop, deterministic))
       attentions += (probs,)
     x = _final_norm(self, x)
     return O.BaseModelOutput(last_hidden_state=x,
@@ -265,12 +266,14 @@ class BartDecoder(nn.Module):
     c = self.config
     x = _embed(self, input_ids, position_ids, target_vocab_size(c), deterministic)
     hidden, self_attn, cross_attn = (), (), ()
+    if encoder_hidden_states is not None:  # every layer's cross-attention adds to its gradient
+      encoder_hidden_states = materialize_gradient(encoder_hidden_states)
     for i in range(c.decoder_layers):
       hidden += (x,)
       y, probs, cross = BartDecoderLayer(c, self.dtype, name=f"layers.{i}")(
           x, attention_mask, encoder_hidden_states, encoder_attention_mask, deterministic,
           init_cache, cache_cross)
-      x = _layerdrop(self, x, y, c.decoder_layerdrop, deterministic)
+      x = materialize_gradient(_layerdrop(self, x, y, c.decoder_layerdrop, deterministic))
       self_attn, cross_attn = self_attn + (probs,), cross_attn + (cross,)
     x = _final_norm(self, x)
     return O.BaseModelOutputWithPastAndCrossAttentions(

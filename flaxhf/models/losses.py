@@ -55,9 +55,19 @@ def lm_loss(logits_BxLxV, labels_BxL):
   return masked_cross_entropy(logits_BxLxV.reshape(-1, logits_BxLxV.shape[-1]), labels_BxL.reshape(-1))
 
 
+def next_token_labels(labels_BxL):
+  """Labels shifted left [B, L]: position t holds label t + 1; the last position is ignored.
+
+  Causal-LM losses shift the labels, not the logits: slicing [B, L-1, V] logits copies them and
+  the slice's gradient pads them back (1.5 s of GPT-2 small's ~18 s train step on 2 cores).
+  """
+  pad = jnp.full_like(labels_BxL[:, :1], IGNORE_INDEX)
+  return jnp.concatenate([labels_BxL[:, 1:], pad], axis=1)
+
+
 def causal_lm_loss(logits_BxLxV, labels_BxL):
   """transformers' causal-LM loss: position t predicts label t+1 (labels are the inputs, unshifted)."""
-  return lm_loss(logits_BxLxV[:, :-1], labels_BxL[:, 1:])
+  return lm_loss(logits_BxLxV, next_token_labels(labels_BxL))
 
 
 def compute_loss(task: str, outputs, labels, config):

@@ -28,8 +28,9 @@ from flaxhf.models import losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
 from flaxhf.models.gpt2 import decoder_mask
-from flaxhf.models.layers import (Embedding, Linear, attention_bias, constrain, dot_product_attention,
-                                  get_activation, merge_heads, split_heads)
+from flaxhf.models.layers import (Embedding, Linear, attention_bias, constrain,
+                                  dot_product_attention, get_activation, materialize_gradient,
+                                  merge_heads, split_heads)
 
 
 def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):
@@ -255,10 +256,13 @@ class T5Stack(nn.Module):
     encoder_bias = (attention_bias(encoder_attention_mask, jnp.float32) if self.is_decoder else None)
     num_layers = c.num_decoder_layers if self.is_decoder else c.num_layers
     bias, hidden, attentions, cross = None, (), (), ()
+    if encoder_hidden_states is not None:  # every block's cross-attention adds to its gradient
+      encoder_hidden_states = materialize_gradient(encoder_hidden_states)
     for i in range(num_layers):
       hidden += (x,)
       x, bias, probs, cross_probs = T5Block(c, self.is_decoder, i == 0, dtype=d, name=f"block.{i}")(
           x, attention_mask, bias, encoder_hidden_states, encoder_bias, deterministic, init_cache)
+      x = materialize_gradient(x)
       attentions, cross = attentions + (probs,), cross + (cross_probs,)
     x = T5LayerNorm(c.layer_norm_epsilon, c.initializer_factor, d, name="final_layer_norm")(x)
     x = drop(x, deterministic=deterministic)

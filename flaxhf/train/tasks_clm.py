@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from flaxhf.models import auto
-from flaxhf.models.losses import IGNORE_INDEX
+from flaxhf.models.losses import IGNORE_INDEX, next_token_labels
 from flaxhf.train.tasks import Task
 
 log = logging.getLogger("flaxhf")
@@ -44,11 +44,11 @@ def clm_labels(input_ids_BxL, attention_mask_BxL, document_ids_BxL=None):
 
 
 def shifted_token_losses(logits_BxLxV, labels_BxL):
-  """(per-token loss [B, L-1], valid [B, L-1]): logits at t against the label at t + 1."""
-  labels = labels_BxL[:, 1:]
+  """(per-token loss [B, L], valid [B, L]): logits at t against the label at t + 1."""
+  labels = next_token_labels(labels_BxL)
   valid = labels != IGNORE_INDEX
   per = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV[:, :-1].astype(jnp.float32), jnp.where(valid, labels, 0))
+      logits_BxLxV.astype(jnp.float32), jnp.where(valid, labels, 0))
   return per * valid, valid
 
 
@@ -106,7 +106,7 @@ class CausalLM(Task):
 
   def predict(self, outputs, batch):
     per, valid = shifted_token_losses(outputs.logits, batch["labels"])
-    hit = (jnp.argmax(outputs.logits[:, :-1], -1) == batch["labels"][:, 1:]) & valid
+    hit = (jnp.argmax(outputs.logits, -1) == next_token_labels(batch["labels"])) & valid
     return {"loss_sum": per.sum(-1), "count": valid.sum(-1), "correct": hit.sum(-1)}
 
   def metrics(self, predictions, task_data):
