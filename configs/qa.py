@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.train.learning_rate = 3e-5
   if "local" in flags:
     if v2:
-      raise ValueError("There is no local SQuAD v2 data; drop `v2` or `local`.")
+      raise common.ConfigError("There is no local SQuAD v2 data; drop `v2` or `local`.")
     c.data.dataset = None
     c.data.train_file = os.path.join(SQUAD_DIR, "dev-v1.1.train_articles_0-37.json")
     c.data.validation_file = os.path.join(SQUAD_DIR, "dev-v1.1.validation_articles_38-47.json")

@@ -25,7 +25,7 @@ def get_config(arg=None):
   c = common.base_config("text_classification")
   glue = [f for f in flags if f in GLUE]
   if len(glue) > 1:
-    raise ValueError(f"Pick one GLUE task, got {glue}.")
+    raise common.ConfigError(f"Pick one GLUE task, got {glue}.")
   task = glue[0] if glue else "sst2"
   folder, columns = GLUE[task]
   c.data.dataset = "nyu-mll/glue"

@@ -73,9 +73,9 @@ def get_config(arg=None):
   c.data.max_length = 1024
   for flag in ("newstest", "multi30k"):
     if flag in flags and "local" not in flags:
-      raise ValueError(f"{flag} is a variant of the local run: use local,{flag}.")
+      raise common.ConfigError(f"{flag} is a variant of the local run: use local,{flag}.")
   if {"newstest", "multi30k"} <= flags:
-    raise ValueError("newstest evaluates the en-ro run; multi30k is de-en: pick one.")
+    raise common.ConfigError("newstest evaluates the en-ro run; multi30k is de-en: pick one.")
   common.apply_seq2seq_args(
       c, flags, values, known_flags=("newstest", "multi30k", "scratch"),
       local_data=lambda c: _local_data(c, "newstest" in flags, "multi30k" in flags),

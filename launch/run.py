@@ -6,8 +6,9 @@
 Rerunning the same command in the same workdir resumes from its latest checkpoint. On SLURM, Open
 MPI, a Kubernetes indexed Job / JobSet or a Cloud TPU pod the processes find each other without
 flags. --dry_run prints the cluster, processes, devices and mesh the run would use, and exits.
-Exit codes: 0 done, 75 preempted (checkpoint saved: rerun), 65 non-finite loss, 78 bad cluster
-environment (see flaxhf/train/faults.py).
+Exit codes: 0 done, 64 a user error (missing data or model, mistyped key, offline hub: one message,
+no traceback; --debug or FLAXHF_DEBUG=1 shows it), 75 preempted (checkpoint saved: rerun), 65
+non-finite loss, 78 bad cluster environment (see flaxhf/train/faults.py).
 """
 
 import difflib
@@ -29,15 +30,14 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process 
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_bool("dry_run", False, "Print the detected cluster, processes, devices and mesh, then "
                   "exit without loading data or models.")
+flags.DEFINE_bool("debug", False, "Show the traceback of user errors too (or FLAXHF_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def _unknown_key_message(argv):
   """The error for the first `--config.KEY` override that names no config field; None if none."""
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if config_arg is None and "--config" in argv[:-1]:
-    config_arg = argv[argv.index("--config") + 1]
+  config_arg = _config_arg(argv)
   if config_arg is None:
     return None
   config = FLAGS["config"].parser.parse(config_arg)
@@ -59,15 +59,77 @@ def _unknown_key_message(argv):
   return None
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, except that a mistyped --config.KEY exits with the valid keys."""
+EXIT_USER_ERROR = 64  # sysexits.h EX_USAGE
+
+
+def _config_arg(argv):
+  """The value of --config (path[:args]) in argv, or None."""
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if value is None and "--config" in argv[:-1]:
+    value = argv[argv.index("--config") + 1]
+  return value
+
+
+def _user_error(error):
+  """The flaxhf UserError that `error` is or was raised from (the innermost one), else None."""
+  from flaxhf.errors import UserError
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, UserError):
+      found = error  # ml_collections re-raises a config's error with the traceback in its text
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _missing_data_hint(error, argv):
+  """For a `local` run whose data file is missing: where local data comes from, and the hub form."""
+  from flaxhf.data.sources import DataError
+  config_arg = _config_arg(argv) or ""
+  path, _, args = config_arg.partition(":")
+  if not isinstance(error, DataError) or "not found" not in str(error) or "local" not in args.split(","):
+    return ""
+  from configs import common
+  hub_args = ",".join(a for a in args.split(",") if a and a != "local")
+  hub_config = f"{path}:{hub_args}" if hub_args else path
   try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError):  # how ml_collections reports an override of a missing field
+    FLAGS["config"].parser.parse(hub_config)
+  except Exception:  # pylint: disable=broad-except  # a local-only variant: name the plain config
+    hub_config = path
+  rest = " ".join(a for a in argv[1:] if not a.startswith("--config") and a != config_arg)
+  return (f"\nThe `local` variants read the data bundled under FLAXHF_DATA (now "
+          f"{os.path.abspath(common.DATA_DIR)}), laid out as this project's shared/data: set "
+          f"FLAXHF_DATA to that folder. With internet access, the hub form of this run downloads "
+          f"its data and model instead:\n  python launch/run.py --config {hub_config} {rest}")
+
+
+def _exit_if_user_error(error, argv):
+  """A user error ends the run with one clear message (exit 64); anything else is re-raised."""
+  user_error = _user_error(error)
+  debug = "--debug" in argv or os.environ.get("FLAXHF_DEBUG", "") not in ("", "0")
+  if user_error is None or debug:
+    raise error
+  print(f"flaxhf: error: {user_error}{_missing_data_hint(user_error, argv)}", file=sys.stderr,
+        flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a mistyped --config.KEY exits with the valid keys and a
+  config file's user error with its message alone."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # how ml_collections reports an override of a missing field
     message = _unknown_key_message(argv)
     if message is None:
-      raise
+      _exit_if_user_error(e, argv)
     sys.exit(f"FATAL Flags parsing error: {message}")
+  except flags.Error as e:
+    if _user_error(e) is not None:
+      _exit_if_user_error(e, argv)
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+  except Exception as e:  # pylint: disable=broad-except  # e.g. a missing optional package
+    _exit_if_user_error(e, argv)
 
 
 def main(argv):
@@ -79,7 +141,10 @@ def main(argv):
                       force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  cfg = FLAGS.config
+  try:
+    cfg = FLAGS.config  # a config file's OSError (e.g. a missing model folder) surfaces here
+  except Exception as e:  # pylint: disable=broad-except
+    _exit_if_user_error(e, sys.argv)
   # The distributed runtime must start before anything asks JAX for devices.
   from flaxhf import distributed
   from flaxhf.train import faults
@@ -113,7 +178,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     code = faults.exit_code(e)
     if code is None:
-      raise
+      _exit_if_user_error(e, sys.argv)
     logging.error("%s", e)
     sys.exit(code)
   if jax.process_index() == 0:

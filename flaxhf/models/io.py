@@ -6,6 +6,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from flaxhf.errors import HubError, MissingPackageError, ModelNotFoundError
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PT_WEIGHTS = "pytorch_model.bin"
@@ -30,7 +32,7 @@ def resolve_model_dir(name_or_path: str, *, revision: Optional[str] = None,
   if os.path.isdir(name_or_path):
     return name_or_path
   if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{name_or_path!r} is not a model folder. Pass a folder holding config.json and weights "
         f"(model.safetensors or pytorch_model.bin), or a Hugging Face hub id such as 'bert-base-uncased'.")
   import huggingface_hub  # imported late: only hub ids need it
@@ -42,7 +44,7 @@ def resolve_model_dir(name_or_path: str, *, revision: Optional[str] = None,
   except Exception as e:  # the hub client raises many types: name them all one way
     why = ("the hub is offline (HF_HUB_OFFLINE=1 or local_files_only=True) and it is not in the cache"
            if offline else f"the hub could not be reached or has no such repo ({type(e).__name__}: {e})")
-    raise OSError(
+    raise HubError(
         f"Cannot load {name_or_path!r}: {why}. Either download it where the network is reachable "
         f"(`huggingface-cli download {name_or_path}`) into the cache, or pass a local folder "
         f"that holds config.json and model.safetensors.") from e
@@ -51,7 +53,7 @@ def resolve_model_dir(name_or_path: str, *, revision: Optional[str] = None,
 def load_config(model_dir: str):
   """The transformers config in a model folder, with a clear error when it is absent or unreadable."""
   if not os.path.isfile(os.path.join(model_dir, CONFIG)):
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"No {CONFIG} in {model_dir}: the folder needs the checkpoint's config. Copy it there, or "
         f"pass config=transformers.AutoConfig.from_pretrained(...) to from_pretrained.")
   from transformers import AutoConfig  # imported late: pure Python, but slow to import
@@ -66,7 +68,7 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return load_file(path)
   except Exception as e:
-    raise OSError(f"Cannot read {path}: the safetensors file is corrupt or truncated ({e}). "
+    raise HubError(f"Cannot read {path}: the safetensors file is corrupt or truncated ({e}). "
                   f"Re-download or re-export it.") from e
 
 
@@ -74,7 +76,7 @@ def _load_torch_bin(path: str) -> Dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(
+    raise MissingPackageError(
         f"{path} is a PyTorch pickle; reading it needs torch (`pip install torch==2.13.0`). "
         f"Or convert the checkpoint to model.safetensors once where torch is installed.") from e
   state = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,13 +98,13 @@ def load_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
       state = {}
       for shard in shards:
         if not os.path.isfile(path(shard)):
-          raise FileNotFoundError(f"{index_name} in {model_dir} names shard {shard}, which is missing.")
+          raise ModelNotFoundError(f"{index_name} in {model_dir} names shard {shard}, which is missing.")
         state.update(loader(path(shard)))
       return state
   if os.path.isfile(path(PT_WEIGHTS)):
     return _load_torch_bin(path(PT_WEIGHTS))
   present = sorted(os.listdir(model_dir))
-  raise FileNotFoundError(
+  raise ModelNotFoundError(
       f"No weights in {model_dir}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} or {PT_WEIGHTS}; "
       f"found {present}. To start from random weights instead, build the model from its config: "
       f"flaxhf.FlaxAutoModel.from_config(transformers.AutoConfig.from_pretrained(path)).")
