@@ -157,7 +157,8 @@ def main(argv):
     sys.exit(faults.EXIT_CLUSTER)
   import jax
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
-      "FLAXHF_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flaxhf_xla")))
+      "FLAXHF_COMPILATION_CACHE", os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+          os.path.expanduser("~"), ".cache", "flaxhf_xla")))
   if jax.process_index() != 0:
     # Other processes log only warnings and flaxhf's per-process facts (devices, data share).
     logging.getLogger().setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ _SESSION = {}
 
 
 def tiny_setup(tmp_path_factory, minilm_path):
-  """The model, data and compilation cache folder of every run in this session."""
+  """The model and data of every run in this session (the compilation cache is conftest's)."""
   if "tiny" not in _SESSION:
     root = tmp_path_factory.mktemp("cluster")
     model = tiny_bert_dir(root / "model", minilm_path, layers=1)
@@ -27,7 +27,7 @@ def tiny_setup(tmp_path_factory, minilm_path):
     json.dump(config, open(config_path, "w"))
     _SESSION["tiny"] = dict(model=model, train=write_sentiment_tsv(root / "train.tsv", 128, seed=0),
                             dev=write_sentiment_tsv(root / "dev.tsv", 32, seed=1),
-                            cache=str(root / "xla_cache"), root=root)
+                            root=root)
     _SESSION["launcher"] = Launcher(str(root / "logs"))
   return _SESSION["tiny"]
 
