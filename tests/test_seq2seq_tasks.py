@@ -442,6 +442,12 @@ def _cli_overrides(**extra):
           "checkpoint.every_steps": 1000, "mesh.data": 1, "train.max_grad_norm": 1.0, **extra}
 
 
+# Each learning run comes in two sizes: "ci", a short run in the default suite that still asserts
+# learning (loss and metrics well past the untrained model's), and "full", the documented run
+# (`pytest -m slow`).
+SIZES = ["ci", pytest.param("full", marks=pytest.mark.slow)]
+
+
 @pytest.mark.slow  # ~4 min on 2 loaded cores; 250 steps only start to translate (measured below)
 def test_translation_tatoeba_from_scratch_cli(data_dir, tmp_path):
   start = time.perf_counter()
@@ -464,44 +470,57 @@ def test_translation_tatoeba_from_scratch_cli(data_dir, tmp_path):
                                     {"max_new_tokens": 32})
 
 
-def test_translation_multi30k_from_scratch_cli(data_dir, tmp_path):
+@pytest.mark.parametrize("size", SIZES)
+def test_translation_multi30k_from_scratch_cli(data_dir, tmp_path, size):
   start = time.perf_counter()
+  steps, eval_rows = {"ci": (120, 64), "full": (300, 128)}[size]
   multi30k = str(data_dir / "translation" / "multi30k_de_en" / "train.{lang}.gz")
   trainer, untrained, trained = _train_cli(
       data_dir, tmp_path, "local,smoke,multi30k,family=bart", "translation",
       ["--train_file", multi30k, "--fields", "translation.de,translation.en", "--family", "bart",
        "--vocab_size", "3000"],
-      _cli_overrides(**{"train.steps": 300, "train.batch_size": 32, "train.learning_rate": 3e-3,
-                        "data.max_train_samples": 10**6, "data.max_eval_samples": 128,
+      _cli_overrides(**{"train.steps": steps, "train.batch_size": 32, "train.learning_rate": 3e-3,
+                        "data.max_train_samples": 10**6, "data.max_eval_samples": eval_rows,
                         "data.max_source_length": 40, "data.max_target_length": 40,
                         "data.max_length": 40, "eval.max_new_tokens": 40}), 900)
-  print(f"translation CI: untrained {untrained}, trained {trained}, "
+  print(f"translation {size}: untrained {untrained}, trained {trained}, "
         f"{time.perf_counter() - start:.0f} s")
   assert untrained["bleu"] < 0.5 and untrained["chrf"] < 8
-  # Measured (2 cores, ~14 min at load 8-12): loss 8.01 -> 4.02, BLEU 0.0 -> 1.09, chrF 0.0 -> 15.3;
-  # 300 steps learn the captions' language ("A man in a blue shirt is ..."), not yet the source:
-  # BLEU stays low while chrF moves well past the untrained model's.
-  assert trained["bleu"] > 0.5 and trained["chrf"] > 10 and trained["loss"] < untrained["loss"] - 2
-  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer, [0, 5, 50, 127],
-                                    {"max_new_tokens": 40})
+  if size == "full":
+    # Measured (2 cores, ~14 min at load 8-12): loss 8.01 -> 4.02, BLEU 0.0 -> 1.09, chrF 0.0 -> 15.3;
+    # 300 steps learn the captions' language ("A man in a blue shirt is ..."), not yet the source:
+    # BLEU stays low while chrF moves well past the untrained model's.
+    assert trained["bleu"] > 0.5 and trained["chrf"] > 10 and trained["loss"] < untrained["loss"] - 2
+  else:
+    # Measured (2 cores): loss 8.0 -> 4.69, BLEU 0.0 -> 1.15, chrF 0.0 -> 5.3 (gen_len 40: it has
+    # learnt caption words, not yet to stop). Steps are cheap here (~0.3 s); compiles are not.
+    assert trained["loss"] < untrained["loss"] - 2
+    assert trained["chrf"] > untrained["chrf"] + 3 and trained["bleu"] > untrained["bleu"] + 0.3
+  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer,
+                                    [0, 5, 50, eval_rows - 1], {"max_new_tokens": 40})
 
 
-def test_summarization_dialogsum_from_scratch_cli(data_dir, tmp_path):
+@pytest.mark.parametrize("size", SIZES)
+def test_summarization_dialogsum_from_scratch_cli(data_dir, tmp_path, size):
   start = time.perf_counter()
+  # Shorter runs do not summarise yet (80 steps: loss 4.86 but ROUGE 0, every row one repeated
+  # word), so CI keeps the 200 steps and scores half the eval rows.
+  steps, eval_rows = {"ci": (200, 48), "full": (200, 96)}[size]
   dialogsum = data_dir / "summarization" / "dialogsum"
   trainer, untrained, trained = _train_cli(
       data_dir, tmp_path, "local,smoke,family=bart", "summarization",
       ["--train_file", str(dialogsum / "dialogsum.train.jsonl"), "--fields", "dialogue,summary",
        "--family", "bart", "--vocab_size", "3000", "--max_rows", "3000"],
-      _cli_overrides(**{"train.steps": 200, "train.batch_size": 16, "train.learning_rate": 3e-3,
-                        "data.max_train_samples": 10**6, "data.max_eval_samples": 96,
+      _cli_overrides(**{"train.steps": steps, "train.batch_size": 16, "train.learning_rate": 3e-3,
+                        "data.max_train_samples": 10**6, "data.max_eval_samples": eval_rows,
                         "data.max_source_length": 96, "data.max_target_length": 40,
                         "data.max_length": 96, "eval.max_new_tokens": 40}), 600)
-  print(f"summarization CI: untrained {untrained}, trained {trained}, "
+  print(f"summarization {size}: untrained {untrained}, trained {trained}, "
         f"{time.perf_counter() - start:.0f} s")
   assert untrained["rouge1"] < 5
-  # Measured (2 cores): loss 8.00 -> 4.23, ROUGE-1 0.0 -> 11.1, ROUGE-L 0.0 -> 9.4, Lsum 9.9.
+  # Measured (2 cores): loss 8.00 -> 4.23, ROUGE-1 0.0 -> 11.1, ROUGE-L 0.0 -> 9.4, Lsum 9.9 on 96
+  # rows; on the first 48: loss 4.22, ROUGE-1 10.5, ROUGE-L 8.8, Lsum 9.4.
   assert trained["rouge1"] > 8 and trained["rougeL"] > 7 and trained["rougeLsum"] > 7
   assert trained["loss"] < untrained["loss"] - 2
-  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer, [0, 7, 95],
+  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer, [0, 7, eval_rows - 1],
                                     {"max_new_tokens": 40})
