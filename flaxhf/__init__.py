@@ -33,6 +33,15 @@ from flaxhf.models.distilbert import (
 from flaxhf.models.gpt2 import (
     FlaxGPT2ForQuestionAnswering, FlaxGPT2ForSequenceClassification, FlaxGPT2ForTokenClassification,
     FlaxGPT2LMHeadModel, FlaxGPT2Model, FlaxGPT2PreTrainedModel)
+from flaxhf.models.llama import (
+    FlaxLlamaForCausalLM, FlaxLlamaForQuestionAnswering, FlaxLlamaForSequenceClassification,
+    FlaxLlamaForTokenClassification, FlaxLlamaModel, FlaxLlamaPreTrainedModel,
+    FlaxMistralForCausalLM, FlaxMistralForQuestionAnswering, FlaxMistralForSequenceClassification,
+    FlaxMistralForTokenClassification, FlaxMistralModel, FlaxMistralPreTrainedModel,
+    FlaxQwen2ForCausalLM, FlaxQwen2ForQuestionAnswering, FlaxQwen2ForSequenceClassification,
+    FlaxQwen2ForTokenClassification, FlaxQwen2Model, FlaxQwen2PreTrainedModel,
+    FlaxQwen3ForCausalLM, FlaxQwen3ForQuestionAnswering, FlaxQwen3ForSequenceClassification,
+    FlaxQwen3ForTokenClassification, FlaxQwen3Model, FlaxQwen3PreTrainedModel)
 from flaxhf.models.t5 import (
     FlaxMT5EncoderModel, FlaxMT5ForConditionalGeneration, FlaxMT5Model, FlaxMT5PreTrainedModel,
     FlaxT5EncoderModel, FlaxT5ForConditionalGeneration, FlaxT5Model, FlaxT5PreTrainedModel)

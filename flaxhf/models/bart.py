@@ -22,25 +22,17 @@ import numpy as np
 from transformers import BartConfig, MarianConfig, MBartConfig, PretrainedConfig
 
 from flaxhf.generation import GenerationMixin
-from flaxhf.models import losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
+from flaxhf.models.decoder import cache_kv, count_positions, decoder_mask
+# v4 scripts import shift_tokens_right from the model's module (flaxhf.models.marian re-exports it).
+from flaxhf.models.decoder import shift_tokens_right
 from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
 
 _EPS = 1e-5          # torch.nn.LayerNorm's default, which every layer norm of the family uses
 _POSITION_OFFSET = 2  # BART's learned positions start at row 2 (a fairseq legacy)
-
-
-def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):
-  """Decoder inputs from labels: shifted one slot right after the start token; -100 becomes pad."""
-  if pad_token_id is None:
-    raise ValueError("self.model.config.pad_token_id has to be defined.")
-  input_ids = jnp.asarray(input_ids)
-  shifted = jnp.concatenate([jnp.full_like(input_ids[:, :1], decoder_start_token_id),
-                             input_ids[:, :-1]], axis=1)
-  return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
 def mbart_shift_tokens_right(input_ids, pad_token_id: int):
@@ -117,24 +109,8 @@ class BartAttention(nn.Module):
         self.put_variable("cache", "cached_key", k)
         self.put_variable("cache", "cached_value", v)
     if self.causal:
-      first_slot = 0
-      decoding = self.has_variable("cache", "cached_key")
-      if init_cache or decoding:
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if decoding:  # write the T new keys/values at cache_index, then attend over every slot
-        first_slot = index.value
-        at = (0, first_slot, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), at)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at)
-        index.value = first_slot + q.shape[1]
-        k, v = cached_k.value, cached_v.value
-      # Query t (slot first_slot + t) sees the slots up to its own that the mask allows; so cache
-      # slots not written yet are never seen.
-      q_slot_T = first_slot + jnp.arange(q.shape[1])
-      causal_TxS = jnp.arange(k.shape[1])[None, :] <= q_slot_T[:, None]
-      mask = causal_TxS[None] & mask.astype(bool)[:, None, :]
+      k, v, first_slot = cache_kv(self, k, v, init_cache)
+      mask = decoder_mask(mask, first_slot, q.shape[1])
     ctx, probs = dot_product_attention(q, k, v, attention_bias(mask, d), dropout_rate=c.attention_dropout,
                                        deterministic=deterministic, module=self, dtype=d)
     return proj("out_proj", ("embed", "heads"))(merge_heads(ctx)), probs
@@ -203,7 +179,7 @@ def _embed(module, ids_BxL, position_ids_BxL, vocab_size, deterministic):
   c, d = module.config, module.dtype
   flavor = FLAVORS[c.model_type]
   if position_ids_BxL is None:  # the wrappers pass them; module-level calls (init) count from 0
-    position_ids_BxL = _positions(*ids_BxL.shape)
+    position_ids_BxL = count_positions(*ids_BxL.shape)
   tokens = module.shared if module.shared is not None else Embedding(
       vocab_size, c.d_model, std=c.init_std, padding_idx=c.pad_token_id, dtype=d, name="embed_tokens")
   x = tokens(ids_BxL) * (math.sqrt(c.d_model) if c.scale_embedding else 1.0)
@@ -454,10 +430,6 @@ def _check_shape(name, arr, want):
     raise ValueError(f"{name} has shape {tuple(arr.shape)} but must be {tuple(want)}.")
 
 
-def _positions(batch, length, first=0):
-  return jnp.broadcast_to(first + jnp.arange(length, dtype=jnp.int32), (batch, length))
-
-
 def _cache_index(cache):
   """The decoder cache's fill level (a scalar), with a clear error for anything but a cache."""
   index = [v for k, v in flatten(cache).items() if k.endswith("self_attn.cache_index")] if isinstance(
@@ -569,8 +541,8 @@ class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
     t = decoder_input_ids.shape[1]
     decoder_attention_mask = (jnp.ones_like(decoder_input_ids) if decoder_attention_mask is None
                               else _int(decoder_attention_mask))
-    position_ids = _positions(b, l) if position_ids is None else _int(position_ids)
-    decoder_position_ids = (_positions(b, t) if decoder_position_ids is None
+    position_ids = count_positions(b, l) if position_ids is None else _int(position_ids)
+    decoder_position_ids = (count_positions(b, t) if decoder_position_ids is None
                             else _int(decoder_position_ids))
     for name, arr, want in (("attention_mask", attention_mask, (b, l)), ("position_ids", position_ids, (b, l)),
                             ("decoder_input_ids", decoder_input_ids, (b, t)),
@@ -584,12 +556,7 @@ class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
         decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
         position_ids=position_ids, decoder_position_ids=decoder_position_ids, deterministic=not train,
         output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states))
-    if self.task == "question_answering" and start_positions is not None:
-      labels = (jnp.asarray(start_positions), jnp.asarray(end_positions))
-    if labels is not None:
-      labels = labels if isinstance(labels, tuple) else jnp.asarray(labels)
-      outputs = outputs.replace(loss=losses.compute_loss(self.task, outputs, labels, self.config))
-    return outputs.to_tuple() if return_dict is False else outputs
+    return self.finish_outputs(outputs, labels, start_positions, end_positions, return_dict)
 
   def encode(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
              output_hidden_states=None, return_dict=None, train: bool = False, params=None,
@@ -598,7 +565,7 @@ class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
     input_ids = _int(input_ids)
     b, l = input_ids.shape
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _int(attention_mask)
-    position_ids = _positions(b, l) if position_ids is None else _int(position_ids)
+    position_ids = count_positions(b, l) if position_ids is None else _int(position_ids)
     _check_shape("attention_mask", attention_mask, (b, l))
     out = self._apply("encode", params, dropout_rng, train, input_ids=input_ids,
                       attention_mask=attention_mask, position_ids=position_ids,
@@ -634,7 +601,7 @@ class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
       encoder_attention_mask = jnp.ones((b, s), jnp.int32)
     mask = jnp.ones(want, jnp.int32) if decoder_attention_mask is None else _int(decoder_attention_mask)
     _check_shape("decoder_attention_mask", mask, want)  # with a cache: over every cache slot
-    positions = _positions(b, t, first) if decoder_position_ids is None else _int(decoder_position_ids)
+    positions = count_positions(b, t, first) if decoder_position_ids is None else _int(decoder_position_ids)
     out = self._apply("decode", params, dropout_rng, train, cache=past_key_values,
                       decoder_input_ids=ids, decoder_attention_mask=mask,
                       decoder_position_ids=positions, encoder_hidden_states=encoder_hidden,
@@ -656,7 +623,7 @@ class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
     enc = jnp.zeros((batch_size, 1, self.config.d_model), self.dtype)
 
     def cache():
-      return self.module.init(jax.random.key(0), ids, ids, _positions(batch_size, max_length), enc,
+      return self.module.init(jax.random.key(0), ids, ids, count_positions(batch_size, max_length), enc,
                               jnp.ones((batch_size, 1), jnp.int32), init_cache=True,
                               method="decode")["cache"]
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
@@ -677,7 +644,7 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel, GenerationMixin):
     out = self._apply("generation_prefill", params, None, False, cache=self.init_cache(n, cache_len),
                       input_ids=jnp.asarray(inputs["input_ids"], jnp.int32), attention_mask=enc_mask,
                       decoder_input_ids=ids_NxP, decoder_attention_mask=mask_NxS,
-                      decoder_position_ids=_positions(n, p))
+                      decoder_position_ids=count_positions(n, p))
     state = {"cache": out.past_key_values, "mask": mask_NxS, "encoder_mask": enc_mask}
     return out.logits[:, -1], state
 

@@ -236,14 +236,18 @@ class FlaxPreTrainedModel:
         position_ids=None if position_ids is None else jnp.asarray(position_ids, jnp.int32),
         deterministic=not train, output_attentions=bool(output_attentions),
         output_hidden_states=bool(output_hidden_states), rngs=rngs)
+    return self.finish_outputs(outputs, labels, start_positions, end_positions, return_dict)
+
+  def finish_outputs(self, outputs, labels=None, start_positions=None, end_positions=None,
+                     return_dict=None):
+    """Every head's call ends here: the loss when labels (QA: start/end positions) are given; a
+    tuple for return_dict=False."""
     if self.task == "question_answering" and start_positions is not None:
       labels = (jnp.asarray(start_positions), jnp.asarray(end_positions))
     if labels is not None:
       labels = labels if isinstance(labels, tuple) else jnp.asarray(labels)
       outputs = outputs.replace(loss=losses.compute_loss(self.task, outputs, labels, self.config))
-    if return_dict is False:
-      return outputs.to_tuple()
-    return outputs
+    return outputs.to_tuple() if return_dict is False else outputs
 
   # ---- loading -----------------------------------------------------------------------------------
   @classmethod
@@ -431,11 +435,15 @@ def model_class(name: str, family_base: type, module_class, task: Optional[str],
   return cls
 
 
-def model_family(arch: str, config_class, prefix: str, modules: dict, **attrs) -> tuple:
-  """Declares `Flax{arch}PreTrainedModel` (class `attrs`), then `Flax{arch}{suffix}` per module."""
+def model_family(arch: str, config_class, prefix: str, modules: dict, parent: type = None,
+                 mixins: Optional[dict] = None, **attrs) -> tuple:
+  """Declares `Flax{arch}PreTrainedModel` (a `parent` subclass with class `attrs`), then
+  `Flax{arch}{suffix}` per module, with `mixins[task]` added to that task's head."""
   # Classes come in `modules` order after the base; a module's `task` (None: encoder) registers it.
-  base = type(f"Flax{arch}PreTrainedModel", (FlaxPreTrainedModel,),
+  base = type(f"Flax{arch}PreTrainedModel", (parent or FlaxPreTrainedModel,),
               dict(config_class=config_class, base_model_prefix=prefix,
                    __module__=modules["Model"].__module__, **attrs))
-  return (base, *(model_class(f"Flax{arch}{suffix}", base, m, getattr(m, "task", None))
+  tasks = {suffix: getattr(m, "task", None) for suffix, m in modules.items()}
+  return (base, *(model_class(f"Flax{arch}{suffix}", base, m, tasks[suffix],
+                              (mixins or {}).get(tasks[suffix], ()))
                   for suffix, m in modules.items()))

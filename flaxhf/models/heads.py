@@ -37,6 +37,7 @@ class Head(nn.Module):
   dtype: jnp.dtype = jnp.float32
   pooler = False  # whether the head reads pooler_output, so the encoder builds its pooler
   task = None     # the auto-class task this head serves
+  token_classifier = "classifier"  # the token classifier's name (transformers' Llama family: `score`)
 
   def encoder(self) -> nn.Module:
     """The family's base module, named as transformers' base-model attribute (`bert`, `albert`, ...)."""
@@ -98,7 +99,7 @@ class TokenClassification(Head):
 
   def predict(self, encoder, out, deterministic, shape):
     x = nn.Dropout(self.classifier_dropout())(out.last_hidden_state, deterministic=deterministic)
-    return {"logits": self.linear(self.config.num_labels, "classifier")(x)}
+    return {"logits": self.linear(self.config.num_labels, self.token_classifier)(x)}
 
 
 class QuestionAnswering(Head):

@@ -122,6 +122,23 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nn.Module):
+  """T5's and Llama's RMS norm: a scale only, no mean subtraction or bias; statistics in float32."""
+
+  eps: float = 1e-6
+  init_scale: float = 1.0  # T5 initialises it to initializer_factor
+  dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", nn.with_logical_partitioning(
+        nn.initializers.constant(self.init_scale), (self.axis_name,)), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (weight * (x32 * jax.lax.rsqrt(variance + self.eps))).astype(self.dtype)
+
+
 class Embedding(nn.Module):
   """`torch.nn.Embedding` (`weight` [num, dim]) with its `padding_idx` rule: the padding row starts
   at zero and never gets a gradient from lookups (a QA loss over padded positions would train it)."""
@@ -165,22 +182,42 @@ def attention_bias(attention_mask, dtype):
   return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def dot_product_attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, bias, *, dropout_rate: float,
+def dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bias, *, dropout_rate: float,
                           deterministic: bool, module: nn.Module, dtype, scale: Optional[float] = None):
   """Scaled dot-product attention; softmax in float32; returns (context [B,L,H,D], probs [B,H,L,S]).
 
-  `scale` defaults to 1/sqrt(head_dim); GPT-2's config can turn it off or divide it by the layer index.
+  Keys and values may have fewer heads K than the queries (grouped-query attention): query head h
+  reads KV head h // (H / K), as transformers' repeat_kv lays them out. `scale` defaults to
+  1/sqrt(head_dim); GPT-2's config can turn it off or divide it by the layer index.
   """
   scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1]) if scale is None else scale
-  logits_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxHxD).astype(jnp.float32) * scale
+  b, l, h, d = q_BxLxHxD.shape
+  k_heads, s = k_BxSxKxD.shape[2], k_BxSxKxD.shape[1]
+  if k_heads == h:
+    logits_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxKxD)
+  else:  # the queries of each KV head as one group: no copy of the keys per query head
+    q_BxLxKxGxD = q_BxLxHxD.reshape(b, l, k_heads, h // k_heads, d)
+    logits_BxHxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD).reshape(b, h, l, s)
+  logits_BxHxLxS = logits_BxHxLxS.astype(jnp.float32) * scale
   if bias is not None:
-    logits_BxHxLxS = logits_BxHxLxS + bias.astype(jnp.float32)
-  probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+    bias32 = bias.astype(jnp.float32)
+    logits_BxHxLxS = logits_BxHxLxS + bias32
+    probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+    # A query that may see no key at all (a left-padded slot under the causal mask) gets zero
+    # context, as torch's scaled_dot_product_attention (transformers' default) gives it.
+    sees_a_key = jnp.max(bias32, axis=-1, keepdims=True) > 0.5 * jnp.finfo(bias.dtype).min
+    probs = jnp.where(sees_a_key, probs, 0.0)
+  else:
+    probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   probs = probs.astype(dtype)
-  context_BxLxHxD = jnp.einsum("bhls,bshd->blhd", probs, v_BxSxHxD)
+  if k_heads == h:
+    context_BxLxHxD = jnp.einsum("bhls,bshd->blhd", probs, v_BxSxKxD)
+  else:
+    probs_BxKxGxLxS = probs.reshape(b, k_heads, h // k_heads, l, s)
+    context_BxLxHxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxD).reshape(b, l, h, d)
   return context_BxLxHxD, probs
 
 

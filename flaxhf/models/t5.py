@@ -24,24 +24,13 @@ import numpy as np
 from transformers import MT5Config, T5Config
 
 from flaxhf.generation import GenerationMixin
-from flaxhf.models import losses
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
-from flaxhf.models.gpt2 import decoder_mask
-from flaxhf.models.layers import (Embedding, Linear, attention_bias, constrain,
+from flaxhf.models.decoder import cache_kv, decoder_mask
+from flaxhf.models.decoder import shift_tokens_right  # noqa: F401 -- v4 scripts import it from here
+from flaxhf.models.layers import (Embedding, Linear, RMSNorm, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
-
-
-def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):
-  """Decoder inputs from labels: the start token, then the labels shifted right; -100 becomes pad.
-
-  transformers v4's signature; numpy in gives numpy out (data collators), jax arrays give jax arrays.
-  """
-  xp = np if isinstance(input_ids, np.ndarray) else jnp
-  start = xp.full_like(input_ids[..., :1], decoder_start_token_id)
-  shifted = xp.concatenate([start, input_ids[..., :-1]], axis=-1)
-  return xp.where(shifted == -100, pad_token_id, shifted)
 
 
 def relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
@@ -75,20 +64,7 @@ def has_lm_head(config) -> bool:
   return not scales_decoder_output(config) or not config.tie_word_embeddings
 
 
-class T5LayerNorm(nn.Module):
-  """RMS norm with a scale only: no mean subtraction, no bias; statistics in float32."""
-
-  eps: float
-  init_scale: float = 1.0  # transformers initialises it to initializer_factor
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    weight = self.param("weight", nn.with_logical_partitioning(
-        nn.initializers.constant(self.init_scale), ("embed",)), (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (weight * (x32 * jax.lax.rsqrt(variance + self.eps))).astype(self.dtype)
+T5LayerNorm = RMSNorm  # the same norm: a scale only, statistics in float32
 
 
 class T5DenseActDense(nn.Module):
@@ -160,19 +136,7 @@ class T5SelfAttention(T5Attention):
   @nn.compact
   def __call__(self, x_BxTxD, attention_mask, bias, deterministic, init_cache=False):
     q, k, v = (self.proj(n, x_BxTxD) for n in ("q", "k", "v"))
-    first_slot = 0
-    decoding = self.has_variable("cache", "cached_key")
-    if init_cache or decoding:
-      cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    if decoding:  # write the T new keys/values at cache_index, then attend over every slot
-      first_slot = index.value
-      at = (0, first_slot, 0, 0)
-      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), at)
-      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at)
-      index.value = first_slot + q.shape[1]
-      k, v = cached_k.value, cached_v.value
+    k, v, first_slot = cache_kv(self, k, v, init_cache)
     if bias is None:
       if not self.has_relative_attention_bias:
         raise ValueError("Only block 0 computes the position bias; later blocks must be given it.")
@@ -503,9 +467,7 @@ class FlaxT5PreTrainedModel(FlaxPreTrainedModel):
     out = self._run(params, dropout_rng, train, None, input_ids=input_ids,
                     attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                     decoder_attention_mask=decoder_attention_mask, **flags)
-    if labels is not None:
-      out = out.replace(loss=losses.compute_loss(self.task, out, labels, self.config))
-    return out.to_tuple() if return_dict is False else out
+    return self.finish_outputs(out, labels, return_dict=return_dict)
 
   def encode(self, input_ids, attention_mask=None, output_attentions=None, output_hidden_states=None,
              return_dict=None, train: bool = False, params=None, dropout_rng=None):
