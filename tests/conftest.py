@@ -47,7 +47,8 @@ def minilm_path():
 # with a long module at the end while the other idles. Measured with --durations on 2 cores.
 _HEAVY_FIRST = ("test_v4_summarization_script", "test_seq2seq_tasks", "test_clm",
                 "test_v4_clm_script", "test_v4_mlm_script", "test_cluster", "test_faults",
-                "test_launch", "test_v4_script", "test_streaming", "test_real_data")
+                "test_launch", "test_v4_script", "test_streaming", "test_real_data",
+                "test_generative", "test_lora")
 # Modules that share session-wide subprocess runs (cluster_utils) must run on the same worker.
 _SHARED_GROUP = {"test_faults": "test_cluster"}
 

@@ -1,4 +1,8 @@
-"""GPT-2: parity with transformers both ways for every head, the KV cache, causality, padding, packing."""
+"""GPT-2's own checks: positions, causality, padding, packing, old checkpoints, mappings, sharding.
+
+What every generative family shares (round trips for every head, init, loss, the KV cache, generate,
+input errors) is in tests/test_generative.py, GPT-2 one row there.
+"""
 
 import functools
 
@@ -6,35 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import flaxhf
 from flaxhf.models.base import REGISTRY, flatten
-from model_utils import (DECODER_CONFIGS, DECODER_HEADS, HEADS, VOCAB, main_outputs, make_inputs,
-                         torch_model, torch_outputs)
-
-TASKS = [None, "causal_lm", "sequence_classification", "token_classification", "question_answering"]
-AUTO = {None: flaxhf.FlaxAutoModel, "causal_lm": flaxhf.FlaxAutoModelForCausalLM,
-        "sequence_classification": flaxhf.FlaxAutoModelForSequenceClassification,
-        "token_classification": flaxhf.FlaxAutoModelForTokenClassification,
-        "question_answering": flaxhf.FlaxAutoModelForQuestionAnswering}
-# (task, config overrides): every head, plus the untied LM head and the config switches of attention.
-CASES = [(t, {}) for t in TASKS] + [
-    ("causal_lm", dict(tie_word_embeddings=False)),
-    ("causal_lm", dict(n_inner=48, activation_function="relu", layer_norm_epsilon=1e-3,
-                       scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)),
-    (None, dict(scale_attn_weights=False)),
-]
-IDS = [f"{t or 'base'}{'-' + '-'.join(kw) if kw else ''}" for t, kw in CASES]
+from flaxhf.models.gpt2 import positions_from_mask
+from model_utils import DECODER_CONFIGS, VOCAB, make_inputs, torch_model, torch_outputs
 
 
 def config(**kw):
   return DECODER_CONFIGS["gpt2"](**kw)
-
-
-def torch_class(task):
-  return getattr(transformers, {**HEADS, **DECODER_HEADS}[task])
 
 
 def gpt2_inputs(task, **kw):
@@ -43,67 +28,6 @@ def gpt2_inputs(task, **kw):
   b, l = inputs["input_ids"].shape
   inputs["position_ids"] = np.broadcast_to(np.arange(l), (b, l)).copy()
   return inputs
-
-
-def assert_close(got, want, task, atol=1e-5):
-  got, want = main_outputs(got, task), main_outputs(want, task)
-  assert set(got) == set(want) and got
-  for name in want:
-    np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=1e-5, err_msg=name)
-
-
-def export_and_check(model, inputs, task, tmp_path, want=None):
-  """save_pretrained -> transformers loads with no key left over, to the same outputs."""
-  model.save_pretrained(tmp_path / "flax")
-  back, info = torch_class(task).from_pretrained(tmp_path / "flax", output_loading_info=True)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  got = model(**inputs)
-  assert_close(got, torch_outputs(back.eval(), inputs), task)
-  if want is not None:
-    assert type(back) is type(want)
-  return back
-
-
-@pytest.mark.parametrize("task,overrides", CASES, ids=IDS)
-def test_roundtrip_parity(task, overrides, tmp_path):
-  """PyTorch -> flaxhf (outputs, hidden states, param count) -> save -> PyTorch, no keys left over."""
-  pt = torch_model("gpt2", task, **overrides)
-  pt.save_pretrained(tmp_path / "pt")
-  inputs = gpt2_inputs(task)
-  want = torch_outputs(pt, inputs, output_hidden_states=True)
-
-  model = AUTO[task].from_pretrained(str(tmp_path / "pt"))
-  assert type(model) is REGISTRY[task]["gpt2"]
-  got = model(**inputs, output_hidden_states=True)
-  assert_close(got, want, task)
-  assert len(got.hidden_states) == len(want.hidden_states) == pt.config.n_layer + 1
-  for g, w in zip(got.hidden_states, want.hidden_states):
-    np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=1e-5, rtol=1e-5)
-  again = model(**{k: jnp.asarray(v) for k, v in inputs.items()}, params=model.params,
-                return_dict=False)  # v4 convention: explicit params, a tuple
-  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(got[0]))
-  assert model.num_parameters() == sum(p.numel() for p in pt.parameters())
-  keys = set(flatten(model.params))
-  assert ("lm_head.weight" in keys) == (task == "causal_lm" and not pt.config.tie_word_embeddings)
-  back = export_and_check(model, inputs, task, tmp_path, want=pt)
-  if task == "causal_lm" and pt.config.tie_word_embeddings:
-    assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()
-
-
-@pytest.mark.parametrize("task,tied", [("causal_lm", True), ("causal_lm", False),
-                                       ("sequence_classification", True)])
-def test_random_init_exports_to_torch(task, tied, tmp_path):
-  """flaxhf's own init (GPT-2's scaled c_proj) -> save -> transformers: same outputs."""
-  c = config(tie_word_embeddings=tied, initializer_range=0.05, num_labels=3)
-  model = AUTO[task].from_config(c, seed=3)
-  flat = flatten(model.params)
-  # transformers' _init_weights: normal(initializer_range), c_proj over sqrt(2 * n_layer), zero biases.
-  np.testing.assert_allclose(np.std(flat["transformer.h.0.attn.c_attn.weight"]), 0.05, rtol=0.1)
-  for k in ("transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_proj.weight"):
-    np.testing.assert_allclose(np.std(flat[k]), 0.05 / 2, rtol=0.1)
-  assert not np.any(flat["transformer.h.0.mlp.c_fc.bias"])
-  np.testing.assert_array_equal(flat["transformer.ln_f.weight"], 1.0)
-  export_and_check(model, gpt2_inputs(task), task, tmp_path)
 
 
 def test_default_positions_follow_the_mask():
@@ -115,34 +39,25 @@ def test_default_positions_follow_the_mask():
   real = inputs["attention_mask"].astype(bool)
   got = np.asarray(model(**inputs).logits)[real]
   np.testing.assert_allclose(got, torch_outputs(pt, inputs).logits.numpy()[real], atol=1e-5)
-  from flaxhf.models.gpt2 import positions_from_mask
   np.testing.assert_array_equal(positions_from_mask(jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])),
                                 [[1, 1, 0, 1, 2], [0, 1, 2, 1, 1]])
 
 
-def test_attentions_match_torch_eager():
-  pt = torch_model("gpt2", None, attn_implementation="eager")
-  model = flaxhf.FlaxGPT2Model(pt.config)
-  model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
-  inputs = gpt2_inputs(None)
-  want = torch_outputs(pt, inputs, output_attentions=True).attentions
-  got = model(**inputs, output_attentions=True).attentions
-  assert len(got) == len(want) == 2
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=1e-5)
-
-
-def test_causal_lm_loss_matches_torch():
+def test_left_padded_forward_counts_positions_like_transformers():
+  """A plain forward without position_ids numbers slots 0..L-1 as transformers does, padding or not
+  (generate derives them from the mask instead, on both sides)."""
   pt = torch_model("gpt2", "causal_lm")
-  inputs = gpt2_inputs("causal_lm")
-  labels = np.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
-  labels[0, 4] = -100
-  want = torch_outputs(pt, inputs, labels=torch.tensor(labels)).loss
   model = flaxhf.FlaxGPT2LMHeadModel(pt.config)
   model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
-  got = model(**inputs, labels=labels)
-  np.testing.assert_allclose(float(got.loss), float(want), rtol=1e-5)
-  assert float(got.loss) > 1.0  # an untrained model over 99 tokens: about log(99)
+  inputs = make_inputs("gpt2", "causal_lm")
+  inputs["attention_mask"] = inputs["attention_mask"][:, ::-1].copy()  # row 1 left-padded
+  inputs["input_ids"] = inputs["input_ids"][:, ::-1].copy()
+  want = torch_outputs(pt, inputs, output_hidden_states=True)
+  got = model(**inputs, output_hidden_states=True)
+  # Every slot: a padded query that sees no key gets zero context, as torch's SDPA gives it.
+  np.testing.assert_allclose(np.asarray(got.logits), want.logits.numpy(), atol=1e-5)
+  for g, w in zip(got.hidden_states, want.hidden_states):
+    np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -164,48 +79,6 @@ def _jitted_logits(model):
 def logits_of(model, ids, mask=None, positions=None):
   """The model's logits without a cache, compiled once per shape (faster than op-by-op on CPU)."""
   return np.asarray(_jitted_logits(model)(model.params, ids, mask, positions))
-
-
-def test_incremental_decoding_matches_full_forward(lm):
-  """Prefill, 4 single tokens, then a chunk of 3, under jit, on a left-padded batch == one full pass."""
-  prompt, total, max_length = 5, 12, 16
-  ids = random_ids((2, total))
-  mask = np.ones((2, total), np.int32)
-  mask[1, :2] = 0  # row 1 is left-padded
-  ids[1, :2] = 0
-  full = logits_of(lm, ids, mask)
-  positions = np.asarray(np.cumsum(mask, -1) - 1)
-  # The generation loop's mask: the prompt's padding, then every slot from the prompt's end on.
-  cache_mask = np.ones((2, max_length), np.int32)
-  cache_mask[:, :total] = mask
-
-  @jax.jit
-  def step(params, cache, ids_BxT, pos_BxT):
-    out = lm(ids_BxT, attention_mask=cache_mask, position_ids=pos_BxT, params=params,
-             past_key_values=cache)
-    return out.logits, out.past_key_values
-
-  cache = lm.init_cache(2, max_length)
-  chunks = [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + 4)] + [(total - 3, total)]
-  got = []
-  for a, b in chunks:
-    logits, cache = step(lm.params, cache, ids[:, a:b], positions[:, a:b])
-    assert logits.shape == (2, b - a, VOCAB) and logits.dtype == jnp.float32
-    got.append(np.asarray(logits))
-  got = np.concatenate(got, axis=1)
-  index = flatten(cache)["transformer.h.0.attn.cache_index"]
-  assert index.shape == () and int(index) == total
-  real = mask.astype(bool)  # padded queries see no key: their outputs are arbitrary
-  np.testing.assert_allclose(got[real], full[real], atol=1e-5, rtol=1e-5)
-
-  # Beam search reorders the cache along axis 0 of every array that has one; decoding follows.
-  swapped = jax.tree_util.tree_map(lambda x: x[::-1] if x.ndim else x, cache)
-  extra = random_ids((2, 1), seed=1)
-  logits = lm(extra[::-1], attention_mask=cache_mask[::-1], position_ids=positions[::-1, -1:] + 1,
-              past_key_values=swapped).logits
-  want = logits_of(lm, np.concatenate([ids, extra], 1),
-                   np.concatenate([mask, np.ones((2, 1), np.int32)], 1))[:, -1]
-  np.testing.assert_allclose(np.asarray(logits)[::-1, 0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_inside_while_loop(lm):
@@ -251,7 +124,7 @@ def test_left_padded_batch_equals_rows_alone(lm):
   mask = np.zeros((3, width), np.int64)
   for i, r in enumerate(rows):
     ids[i, width - r.shape[1]:], mask[i, width - r.shape[1]:] = r[0], 1
-  batch = logits_of(lm, ids, mask)
+  batch = logits_of(lm, ids, mask, np.asarray(positions_from_mask(jnp.asarray(mask))))
   for i, r in enumerate(rows):
     np.testing.assert_allclose(batch[i, width - r.shape[1]:], logits_of(lm, r)[0], atol=1e-5)
 
@@ -299,25 +172,9 @@ def test_sequence_classification_reads_last_non_pad_token(tmp_path):
 
 
 def test_input_errors(lm):
-  ids = random_ids((2, 4))
-  cache = lm.init_cache(2, 8)
-  with pytest.raises(ValueError, match="position_ids are required with past_key_values"):
-    lm(ids, attention_mask=np.ones((2, 8)), past_key_values=cache)
-  with pytest.raises(ValueError, match=r"attention_mask must be \[batch, max_length\] = \(2, 8\)"):
-    lm(ids, attention_mask=np.ones((2, 4)), position_ids=np.zeros((2, 4)), past_key_values=cache)
-  with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\) but input_ids has \(2, 4\)"):
-    lm(ids, attention_mask=np.ones((2, 5)))
-  with pytest.raises(ValueError, match=r"position_ids has shape \(2, 3\)"):
-    lm(ids, position_ids=np.zeros((2, 3)))
-  with pytest.raises(ValueError, match="must be the cache from model.init_cache"):
-    lm(ids, position_ids=np.zeros((2, 4)), past_key_values={"not": "a cache"})
+  """GPT-2's own limit (the shared input errors: tests/test_generative.py)."""
   with pytest.raises(ValueError, match="exceeds GPT-2's n_positions=64"):
     lm.init_cache(1, 65)
-  with pytest.raises(ValueError, match="takes no token_type_ids"):
-    lm(ids, token_type_ids=np.zeros_like(ids))
-  clf = flaxhf.FlaxGPT2ForSequenceClassification(config(), _do_init=False)
-  with pytest.raises(ValueError, match="past_key_values is for FlaxGPT2Model and FlaxGPT2LMHeadModel"):
-    clf(ids, position_ids=np.zeros((2, 4)), past_key_values=cache, params={})
 
 
 def test_wrong_config_or_checkpoint(tmp_path):

@@ -1,7 +1,9 @@
-"""T5, T5 v1.1 and mT5: parity with transformers both ways, the cache, losses, generate == PyTorch's."""
+"""T5, T5 v1.1 and mT5: what only this family does (relative position buckets, one shared table,
+tied and untied heads, the base and encoder-only models). The checks every generative family shares
+(round trips both ways, random-init export, labels, the cache, generate, shift_tokens_right, input
+errors) run on its rows of tests/test_generative.py."""
 
 import copy
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,134 +83,21 @@ def assert_close(got, want, atol=1e-5):
     np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=1e-5, err_msg=name)
 
 
-def export_and_check(model, pt_class, inputs, tmp_path):
-  """save_pretrained -> transformers loads with no key left over, to the same outputs."""
-  model.save_pretrained(tmp_path / "flax")
-  back, info = pt_class.from_pretrained(tmp_path / "flax", output_loading_info=True)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  assert_close(model(**inputs, output_hidden_states=True),
-               torch_outputs(back.eval(), inputs, output_hidden_states=True))
-  return back
-
-
 def flax_class(variant, suffix):
   return getattr(flaxhf, f"Flax{PREFIX[variant]}{suffix}")
 
 
-def load(variant, suffix, path):
-  """Through the auto class where transformers has one for the head (the encoder has none in v4)."""
-  auto = {"Model": flaxhf.FlaxAutoModel, "ForConditionalGeneration": flaxhf.FlaxAutoModelForSeq2SeqLM}
-  return (auto.get(suffix) or flax_class(variant, suffix)).from_pretrained(str(path))
-
-
-@pytest.mark.parametrize("variant,suffix", CASES, ids=[f"{v}-{c}" for v, c in CASES])
-def test_roundtrip_parity(variant, suffix, tmp_path):
-  """PyTorch -> flaxhf (outputs, hidden states, param count) -> save -> PyTorch, no keys left over."""
-  pt = torch_twin(variant, suffix)
-  pt.save_pretrained(tmp_path / "pt")
-  inputs = seq2seq_inputs(suffix)
-  want = torch_outputs(pt, inputs, output_hidden_states=True)
-  model = load(variant, suffix, tmp_path / "pt")
-  assert type(model) is flax_class(variant, suffix)
-  got = model(**inputs, output_hidden_states=True)
-  assert_close(got, want)
-  again = model(**{k: jnp.asarray(v) for k, v in inputs.items()}, params=model.params,
-                return_dict=False)  # v4 convention: explicit params, a tuple
-  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(got[0]))
-  assert model.num_parameters() == sum(p.numel() for p in pt.parameters())
-  keys = set(flatten(model.params))
-  assert ("lm_head.weight" in keys) == (suffix == "ForConditionalGeneration" and variant != "t5")
-  assert not any("embed_tokens" in k for k in keys)  # one `shared` table
-  stacks = ("encoder",) if suffix == "EncoderModel" else ("decoder", "encoder")
-  assert sorted(k for k in keys if "relative_attention_bias" in k) == [  # block 0 of each stack only
-      f"{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight" for s in stacks]
-  back = export_and_check(model, type(pt), inputs, tmp_path)
-  if suffix == "ForConditionalGeneration":
-    tied = back.lm_head.weight.data_ptr() == back.shared.weight.data_ptr()
-    assert tied == (variant == "t5")
-
-
-def test_relative_attention_bias_only_in_block_0():
-  model = flaxhf.FlaxT5ForConditionalGeneration(VARIANTS["t5-v1_1"](), _do_init=False)
-  keys = sorted(k for k in flatten(model.param_shapes()) if "relative_attention_bias" in k)
-  assert keys == ["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                  "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-  assert len([k for k in flatten(model.param_shapes()) if k.startswith("decoder.block.2.")]) == 14
-
-
-@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])  # mT5 differs from v1.1 by its config class
-def test_random_init_exports_to_torch(variant, tmp_path):
-  """flaxhf's own init (transformers' T5 rules) -> save -> transformers: same outputs."""
-  # A wider factor is drawn correctly too, but then float32 rounding on both sides (not a bug: each
-  # is as far from a float64 run) passes 1e-5 at these sizes.
-  config = VARIANTS[variant]()
-  model = flaxhf.FlaxAutoModelForSeq2SeqLM.from_config(config, seed=3)
-  flat = flatten(model.params)
-  d, f = config.d_model, config.initializer_factor
-  for key, std in (("shared.weight", f), ("encoder.block.0.layer.0.SelfAttention.q.weight",
-                                         f * (d * config.d_kv) ** -0.5),
-                   ("decoder.block.1.layer.1.EncDecAttention.k.weight", f * d ** -0.5),
-                   ("encoder.block.1.layer.0.SelfAttention.o.weight", f * 32 ** -0.5),
-                   ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                    f * d ** -0.5)):
-    np.testing.assert_allclose(np.std(flat[key]), std, rtol=0.15, err_msg=key)
-  np.testing.assert_array_equal(flat["encoder.final_layer_norm.weight"], f)
-  wo = "decoder.block.0.layer.2.DenseReluDense.wo.weight"
-  np.testing.assert_allclose(np.std(flat[wo]), f * config.d_ff ** -0.5, rtol=0.15)
-  export_and_check(model, getattr(transformers, PREFIX[variant] + "ForConditionalGeneration"),
-                   seq2seq_inputs("ForConditionalGeneration"), tmp_path)
-
-
-def test_attentions_match_torch_eager():
-  pt = torch_twin("t5-v1_1", "ForConditionalGeneration")
-  pt.set_attn_implementation("eager")  # sdpa returns no attention probabilities
-  model = flaxhf.FlaxT5ForConditionalGeneration(pt.config, _do_init=False)
-  params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
-  inputs = seq2seq_inputs("ForConditionalGeneration")
-  want = torch_outputs(pt, inputs, output_attentions=True)
-  got = model(**inputs, params=params, output_attentions=True)
-  for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
-    g, w = getattr(got, name), getattr(want, name)
-    assert len(g) == len(w) > 0, name
-    for a, b in zip(g, w):
-      np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-5, err_msg=name)
-
-
-@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
-def test_labels_loss_matches_torch(variant):
-  pt = torch_twin(variant, "ForConditionalGeneration")
-  model = flaxhf.FlaxT5ForConditionalGeneration(pt.config, _do_init=False)
-  params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
-  inputs = seq2seq_inputs("ForConditionalGeneration")
-  labels = np.random.RandomState(1).randint(2, VOCAB, (2, 7))
-  labels[1, 4:] = -100  # padding, ignored
-  with torch.no_grad():
-    want = pt(input_ids=torch.tensor(inputs["input_ids"]),
-              attention_mask=torch.tensor(inputs["attention_mask"]), labels=torch.tensor(labels))
-  got = model(inputs["input_ids"], inputs["attention_mask"], labels=labels, params=params)
-  np.testing.assert_allclose(float(got.loss), float(want.loss), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(got.logits), want.logits.numpy(), atol=1e-5, rtol=1e-5)
-  assert float(got.loss) > 1.0
-  # Explicit decoder inputs: the same as the shifted labels.
-  shifted = t5.shift_tokens_right(labels, 0, 0)
-  again = model(inputs["input_ids"], inputs["attention_mask"], decoder_input_ids=shifted,
-                labels=labels, params=params)
-  np.testing.assert_allclose(float(again.loss), float(got.loss), rtol=1e-6)
-
-
-def test_shift_tokens_right_equals_transformers():
-  pt = torch_twin("t5", "ForConditionalGeneration")
-  labels = np.array([[5, 6, -100, -100], [7, 8, 9, 1]])
-  want = pt._shift_right(torch.tensor(labels)).numpy()
-  got_np = t5.shift_tokens_right(labels, 0, 0)
-  assert isinstance(got_np, np.ndarray)  # data collators stay on the host
-  np.testing.assert_array_equal(got_np, want)
-  np.testing.assert_array_equal(np.asarray(t5.shift_tokens_right(jnp.asarray(labels), 0, 0)), want)
-  np.testing.assert_array_equal(t5.shift_tokens_right(labels, 3, 2)[:, 0], [2, 2])  # start, pad args
-  np.testing.assert_array_equal(t5.shift_tokens_right(labels, 3, 2)[0], [2, 5, 6, 3])
-  np.testing.assert_array_equal(
-      np.asarray(jax.jit(t5.shift_tokens_right, static_argnums=(1, 2))(jnp.asarray(labels), 0, 0)),
-      want)
+def test_one_shared_table_and_relative_attention_bias_only_in_block_0():
+  """Parameter paths of every variant x class: one `shared` table (no embed_tokens copies), the
+  relative bias in block 0 of each stack only (the round trips: tests/test_generative.py)."""
+  for variant, suffix in CASES:
+    keys = set(flatten(flax_class(variant, suffix)(VARIANTS[variant](), _do_init=False).param_shapes()))
+    assert not any("embed_tokens" in k for k in keys), (variant, suffix)
+    stacks = ("encoder",) if suffix == "EncoderModel" else ("decoder", "encoder")
+    assert sorted(k for k in keys if "relative_attention_bias" in k) == [
+        f"{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight" for s in stacks]
+    if (variant, suffix) == ("t5-v1_1", "ForConditionalGeneration"):
+      assert len([k for k in keys if k.startswith("decoder.block.2.")]) == 14
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -225,53 +114,6 @@ def test_relative_position_bucket_equals_transformers(bidirectional, buckets, di
 def lm():
   """A tiny random flaxhf T5 v1.1 LM (its own init), shared by the decoding tests."""
   return flaxhf.FlaxT5ForConditionalGeneration(VARIANTS["t5-v1_1"](), seed=1)
-
-
-@functools.lru_cache
-def _jitted_logits(model):
-  return jax.jit(lambda params, ids, mask, dec, dec_mask: model(
-      ids, mask, dec, dec_mask, params=params).logits)
-
-
-def test_encode_decode_with_cache_matches_full_forward(lm):
-  """encode once; decode a 3-token prompt, then single tokens under jit, over a 16-slot cache."""
-  inputs = seq2seq_inputs("ForConditionalGeneration", tgt=9)
-  ids, mask, dec = inputs["input_ids"], inputs["attention_mask"], inputs["decoder_input_ids"]
-  full = np.asarray(_jitted_logits(lm)(lm.params, ids, mask, dec, np.ones_like(dec)))
-  enc = lm.encode(ids, mask)
-  np.testing.assert_allclose(np.asarray(enc.last_hidden_state), np.asarray(
-      lm(ids, mask, dec).encoder_last_hidden_state), atol=1e-6)
-  max_length = 16
-  cache = lm.init_cache(2, max_length, enc)
-  cache_mask = np.ones((2, max_length), np.int32)
-
-  @jax.jit
-  def step(params, cache, dec_ids, states):
-    out = lm.decode(dec_ids, states, encoder_attention_mask=mask, decoder_attention_mask=cache_mask,
-                    past_key_values=cache, params=params)
-    return out.logits, out.past_key_values
-
-  got = []
-  logits, cache = step(lm.params, cache, dec[:, :3], enc)
-  got.append(np.asarray(logits))
-  for t in range(3, 9):  # the cross keys/values stored by the first call are reused
-    logits, cache = step(lm.params, cache, dec[:, t:t + 1], None)
-    got.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-5, rtol=1e-5)
-  flat = flatten(cache)
-  index = flat["decoder.block.0.layer.0.SelfAttention.cache_index"]
-  assert index.shape == () and int(index) == 9
-  assert flat["decoder.block.2.layer.1.EncDecAttention.cached_key"].shape == (2, 13, 4, 8)
-  # Every non-scalar cache array has the row axis first: beam search reorders by gathering it.
-  assert all(v.shape[0] == 2 for v in flat.values() if v.ndim)
-
-  swapped = jax.tree_util.tree_map(lambda x: x[::-1] if x.ndim else x, cache)
-  extra = np.array([[5], [7]])
-  logits = lm.decode(extra[::-1], None, encoder_attention_mask=mask[::-1],
-                     decoder_attention_mask=cache_mask, past_key_values=swapped).logits
-  want = _jitted_logits(lm)(lm.params, ids, mask, np.concatenate([dec, extra], 1),
-                            np.ones((2, 10), np.int32))[:, -1]
-  np.testing.assert_allclose(np.asarray(logits)[::-1, 0], np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_without_cache_and_base_model_decode(lm):
@@ -306,6 +148,7 @@ def test_missing_decoder_start_token_is_a_clear_error(lm):
 
 
 def test_input_errors(lm):
+  """T5's own (the errors every encoder-decoder shares: tests/test_generative.py)."""
   ids = np.array([[5, 6, 7]])
   with pytest.raises(ValueError, match="needs decoder_input_ids"):
     flaxhf.FlaxT5Model(lm.config, _do_init=False)(ids, params={})
@@ -314,16 +157,10 @@ def test_input_errors(lm):
     enc_model(ids, decoder_input_ids=ids, params={})
   with pytest.raises(ValueError, match="has no loss"):
     flaxhf.FlaxT5Model(lm.config, _do_init=False)(ids, decoder_input_ids=ids, labels=ids, params={})
-  with pytest.raises(ValueError, match=r"decoder_attention_mask has shape \(1, 2\)"):
-    lm(ids, decoder_input_ids=ids, decoder_attention_mask=np.ones((1, 2)))
   enc = lm.encode(ids)
   cache = lm.init_cache(1, 8, enc)
   with pytest.raises(ValueError, match=r"\[batch, max_length\]"):
     lm.decode(ids[:, :1], enc, past_key_values=cache, decoder_attention_mask=np.ones((1, 1)))
-  with pytest.raises(ValueError, match="must be the cache from model.init_cache"):
-    lm.decode(ids[:, :1], enc, past_key_values={"not": "a cache"})
-  with pytest.raises(ValueError, match="needs encoder_outputs"):
-    lm.decode(ids[:, :1], None)
   with pytest.raises(ValueError, match="batch_size=2"):
     lm.init_cache(2, 8, enc)
 
@@ -407,89 +244,3 @@ def test_dropout_and_sharding_specs(lm):
   assert specs[layer + "1.DenseReluDense.wo.weight"] == P("fsdp", "tensor")
   assert specs[layer + "0.layer_norm.weight"] == P("fsdp")
   assert specs["shared.weight"] == specs["lm_head.weight"] == P("tensor", "fsdp")
-
-
-# ---- generate == transformers' generate ------------------------------------------------------------
-# Wider weights than the default init peak the next-token distribution, so no two candidates sit
-# within float rounding of each other and token equality is a fair test.
-GEN_FACTOR = {"t5": 4.0, "t5-v1_1": 4.0}
-
-
-@functools.lru_cache
-def gen_twins(variant):
-  """(PyTorch LM, flaxhf twin) with the same wide random weights, dropout off."""
-  import tempfile
-  # PyTorch's generate sizes its cache by num_layers, so it fails for a deeper decoder: 2 + 2 here.
-  pt = torch_twin(variant, "ForConditionalGeneration", initializer_factor=GEN_FACTOR[variant],
-                  num_decoder_layers=2)
-  path = tempfile.mkdtemp(prefix=f"t5gen-{variant}-")
-  pt.save_pretrained(path)
-  return pt, flaxhf.FlaxAutoModelForSeq2SeqLM.from_pretrained(path)
-
-
-def gen_batch():
-  """Three source rows right-padded to 9 tokens (9, 6 and 3 real), with a task prefix's ids first."""
-  rng = np.random.RandomState(5)
-  ids = rng.randint(2, VOCAB, (3, 9))
-  ids[:, :2] = [11, 12]  # the same "translate ...:" prefix on every row; plain tokens to the model
-  mask = np.ones_like(ids)
-  mask[1, 6:], mask[2, 3:] = 0, 0
-  return {"input_ids": np.where(mask == 1, ids, 0), "attention_mask": mask}
-
-
-def generate_both(variant, **kwargs):
-  pt, fx = gen_twins(variant)
-  batch = gen_batch()
-  with torch.no_grad():
-    want = pt.generate(**{k: torch.tensor(v) for k, v in batch.items()}, **kwargs)
-  got = fx.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-  want_seq = want.sequences if kwargs.get("return_dict_in_generate") else want
-  np.testing.assert_array_equal(np.asarray(got.sequences), want_seq.numpy())
-  return got, want
-
-
-@functools.lru_cache
-def eos_candidates(variant):
-  """Tokens greedy decoding emits early on: as EOS ids they make rows finish at different steps."""
-  pt, _ = gen_twins(variant)
-  batch = gen_batch()
-  with torch.no_grad():
-    seq = pt.generate(**{k: torch.tensor(v) for k, v in batch.items()}, do_sample=False,
-                      max_new_tokens=8, eos_token_id=None).numpy()
-  return [int(seq[0, 3]), int(seq[2, 5])]
-
-
-@pytest.mark.parametrize("variant", list(GEN_FACTOR))
-def test_greedy_equals_transformers(variant):
-  eos = eos_candidates(variant)
-  got, _ = generate_both(variant, do_sample=False, max_new_tokens=12, eos_token_id=eos)
-  seq = np.asarray(got.sequences)
-  assert (seq[:, 0] == 0).all()  # decoding starts from decoder_start_token_id (the pad id)
-  ends = [int(np.argmax(np.isin(r[1:], eos))) if np.isin(r[1:], eos).any() else None for r in seq]
-  assert len(set(ends)) == 3, ends  # rows end at different steps, one not at all
-  if variant == "t5-v1_1":
-    generate_both(variant, do_sample=False, max_new_tokens=12, no_repeat_ngram_size=2)
-
-
-BEAM_CASES = {
-    "early_true": dict(early_stopping=True),
-    "early_false_length_penalty_short": dict(early_stopping=False, length_penalty=-1.0),
-    "early_never_length_penalty_long_no_repeat": dict(early_stopping="never", length_penalty=2.0,
-                                                      no_repeat_ngram_size=3),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BEAM_CASES))
-def test_beam_search_equals_transformers(case):
-  variant = "t5-v1_1"
-  got, want = generate_both(variant, num_beams=4, num_return_sequences=2, max_new_tokens=10,
-                            eos_token_id=eos_candidates(variant), return_dict_in_generate=True,
-                            output_scores=True, **BEAM_CASES[case])
-  np.testing.assert_allclose(np.asarray(got.sequences_scores), want.sequences_scores.numpy(),
-                             rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(np.asarray(got.beam_indices), want.beam_indices.numpy())
-
-
-def test_beam_search_tied_t5_equals_transformers():
-  generate_both("t5", num_beams=3, num_return_sequences=2, max_new_tokens=8,
-                eos_token_id=eos_candidates("t5"), early_stopping=True)
