@@ -38,6 +38,19 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # One scanned layer instead of num_layers copies (compiles once per stack); checkpoints and
   # exports keep the per-layer PyTorch keys. BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2.
   c.model.scan_layers = False
+  # LoRA (flaxhf.lora), as peft does it: r > 0 trains low-rank adapters on the frozen base (the
+  # optimizer holds state for them only) and the workdir gains a peft adapter folder, adapter/,
+  # next to the merged export/. Unset target_modules take peft's default for the model type;
+  # unset modules_to_save the head's output layers (classifier, score, ...) on classification/QA.
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.r = 0                           # 0: off (every weight trains)
+  c.model.lora.lora_alpha = 8.0                # scale = lora_alpha / r (/ sqrt(r) with use_rslora)
+  c.model.lora.lora_dropout = 0.0              # on the adapters' input, as peft's
+  c.model.lora.use_rslora = False
+  c.model.lora.target_modules = placeholder(str)   # leaf names "query,value" or a regex over paths
+  c.model.lora.modules_to_save = placeholder(str)  # "classifier,score"; "" trains none in full
+  c.model.lora.base_dtype = "float32"          # the frozen base's storage; bfloat16 halves it
+  c.model.lora.adapter = placeholder(str)      # a peft adapter folder to continue training
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = placeholder(str)            # hub dataset name, e.g. "nyu-mll/glue"

@@ -267,12 +267,14 @@ class FlaxPreTrainedModel:
                       dtype=jnp.float32, seed: int = 0, _do_init: bool = True,
                       ignore_mismatched_sizes: bool = False, trust_remote_code: bool = False,
                       mesh=None, rules: str = "fsdp", input_shape=None, scan_layers: bool = False,
-                      remat: str = "none", gradient_checkpointing: bool = False, **kwargs):
+                      remat: str = "none", gradient_checkpointing: bool = False,
+                      adapter: Optional[str] = None, **kwargs):
     """Loads a Hugging Face checkpoint (folder or hub id) into this head, creating new head weights.
 
     With `mesh`, each tensor is placed straight onto its shards under the rule table `rules`.
     `scan_layers` stacks the layers into one scanned layer on load; `remat` (a
     jax.checkpoint_policies name) or `gradient_checkpointing` rematerialises each layer.
+    `adapter` (a peft LoRA adapter folder) is merged in, as peft's merge_and_unload() does.
     Returns the model, or `(model, params)` with `_do_init=False` as in transformers v4.
     """
     if model_args:
@@ -303,6 +305,9 @@ class FlaxPreTrainedModel:
     params = model._params_from_state_dict(state, seed=seed, mesh=mesh, rules=rules,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
                                            source=model_dir)
+    if adapter is not None:
+      from flaxhf import lora
+      params = lora.merge_adapter(model, io.resolve_model_dir(adapter, **hub_kwargs), params)
     if hasattr(model, "load_generation_config"):
       model.load_generation_config(model_dir)
     if not _do_init:

@@ -6,6 +6,7 @@ checkpoints hold everything needed to resume exactly (params, optimizer, step, R
 position is a pure function of the step, or for a stream its saved position).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flaxhf import sharding
@@ -81,29 +84,33 @@ def load_model_config(model_cfg, model_dir: Optional[str]):
 
 
 def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_shardings,
-                     skip_nonfinite: bool = False):
+                     skip_nonfinite: bool = False, lora=None):
   """The jitted step (state, batch) -> (state, metrics): sharded in and out, state donated.
 
   metrics["nonfinite"] flags a non-finite loss or gradient norm; `skip_nonfinite` then also keeps
-  that step's params and optimizer state (train.nonfinite=skip).
+  that step's params and optimizer state (train.nonfinite=skip). With a `flaxhf.lora.Lora`,
+  state["params"] are the adapters (+ modules_to_save) and state["frozen"] the base, which gets
+  no gradient.
   """
   module, k = model.module, grad_accum_steps
   batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, frozen):
     mask_rng, dropout_rng = jax.random.split(rng)
     batch = task.device_transform(batch, mask_rng, train=True)
-    out = module.apply({"params": params}, **module_inputs(model, batch), deterministic=False,
-                       rngs={"dropout": dropout_rng})
+    with lora.intercept(deterministic=False) if lora else contextlib.nullcontext():
+      out = module.apply({"params": lora.join(params, frozen) if lora else params},
+                         **module_inputs(model, batch), deterministic=False,
+                         rngs={"dropout": dropout_rng})
     return task.loss(out, batch)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    params = state["params"]
+    params, frozen = state["params"], state.get("frozen")
     if k == 1:
-      (loss_sum, count), grads = grad_fn(params, batch, rng)
+      (loss_sum, count), grads = grad_fn(params, batch, rng, frozen)
     else:
       # Microbatch j takes rows j, j+k, ... so every microbatch spans all batch shards.
       micro = jax.tree_util.tree_map(
@@ -113,7 +120,7 @@ def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_sh
 
       def body(carry, xs):
         i, mb = xs
-        (s, n), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (s, n), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
         return jax.tree_util.tree_map(jnp.add, carry, (g, s, n)), None
 
       zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
@@ -129,7 +136,7 @@ def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_sh
       new_params, opt_state = faults.keep_if(~nonfinite, (new_params, opt_state),
                                              (params, state["opt_state"]))
     new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": new_params,
-                 "opt_state": opt_state}
+                 "opt_state": opt_state, **({"frozen": frozen} if lora else {})}
     metrics = {"loss": loss_sum / count, "grad_norm": grad_norm,
                "learning_rate": schedule(state["step"]), "nonfinite": nonfinite}
     return new_state, metrics
@@ -138,13 +145,23 @@ def build_train_step(model, task, tx, schedule, grad_accum_steps, mesh, state_sh
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def make_state_shardings(model, tx, mesh, rules):
-  """Shardings and abstract shapes of the train state {step, rng, params, opt_state}."""
+def make_state_shardings(model, tx, mesh, rules, lora=None, frozen_dtype=jnp.float32):
+  """Shardings and abstract shapes of the train state {step, rng, params, opt_state}.
+
+  With a `flaxhf.lora.Lora`, "params" are the adapters and modules_to_save only (so the optimizer
+  holds state for nothing else) and "frozen" the rest of the base, in `frozen_dtype`.
+  """
   param_shardings = sharding.param_shardings(model, mesh, rules)
   replicated = NamedSharding(mesh, P())
   abstract_params = jax.tree_util.tree_map(
       lambda shape, s: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s),
       model.param_shapes(), param_shardings, is_leaf=lambda x: isinstance(x, tuple))
+  frozen = None
+  if lora is not None:
+    frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, frozen_dtype,
+                                                                   sharding=a.sharding),
+                                    lora.frozen(abstract_params))
+    abstract_params, param_shardings = trainable_abstract(lora, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Optimizer moments follow their parameter's sharding; counters are replicated.
   opt_shardings = optax.tree_map_params(
@@ -153,38 +170,68 @@ def make_state_shardings(model, tx, mesh, rules):
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
   shardings = {"step": replicated, "rng": replicated, "params": param_shardings,
                "opt_state": opt_shardings}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+              "params": abstract_params, "opt_state": abstract_opt}
+  if frozen is not None:
+    shardings["frozen"] = jax.tree_util.tree_map(lambda a: a.sharding, frozen)
+    abstract["frozen"] = frozen
   abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-       "params": abstract_params, "opt_state": abstract_opt}, shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return shardings, abstract
 
 
-def init_state(tx, params, seed, state_shardings):
+def trainable_abstract(lora, mesh, rules):
+  """(abstract float32 arrays, NamedShardings) of a Lora's trainable tree, by the rule table."""
+  table = sharding.get_rules(rules)
+  flat_abstract, flat_shardings = {}, {}
+  for path, (shape, axes) in lora.trainable_shapes().items():
+    spec = sharding._fit_to_shape(nn.logical_to_mesh_axes(axes, table), shape, mesh,
+                                  ".".join(path))
+    flat_shardings[path] = NamedSharding(mesh, spec)
+    flat_abstract[path] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=flat_shardings[path])
+  return (traverse_util.unflatten_dict(flat_abstract), traverse_util.unflatten_dict(flat_shardings))
+
+
+def init_state(tx, params, seed, state_shardings, frozen=None):
   """A fresh train state on its shardings: optimizer initialised where its params live.
 
   Params are put on their shardings first (a no-op when they already are): a step compiled for
   single-device inputs would otherwise compile a second time for its own sharded outputs.
+  `frozen` is a LoRA run's base (cast to the dtype its abstract state has).
   """
   params = jax.device_put(params, state_shardings["params"])
   opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
   rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), state_shardings["rng"])
   step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"])
-  return {"step": step, "rng": rng, "params": params, "opt_state": opt_state}
+  state = {"step": step, "rng": rng, "params": params, "opt_state": opt_state}
+  if frozen is not None:
+    state["frozen"] = place_frozen(frozen, state_shardings["frozen"])
+  return state
 
 
-def make_train_step(model, task, train_cfg, total_steps: int, mesh=None, rules="dp"):
+def place_frozen(frozen, shardings, dtype=None):
+  """A LoRA base on its shardings, in `dtype` (bfloat16 halves the memory of frozen weights)."""
+  put = jax.device_put(frozen, shardings)
+  return put if dtype is None else jax.tree_util.tree_map(lambda x: x.astype(dtype), put)
+
+
+def make_train_step(model, task, train_cfg, total_steps: int, mesh=None, rules="dp", lora=None):
   """(state, step) for a loop of your own, built as the Trainer builds them.
 
   `train_cfg` is a config's `train` block (optimizer, schedule, accumulation, seed); `mesh`
   defaults to the first local device. Call `state, metrics = step(state, batch)` with a batch of
-  the task's arrays; the step compiles once per batch shape.
+  the task's arrays; the step compiles once per batch shape. With a `flaxhf.lora.Lora` the state
+  trains fresh adapters on the frozen `model.params`.
   """
   mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
   tx, schedule = optim.make_optimizer(train_cfg, total_steps)
-  shardings, _ = make_state_shardings(model, tx, mesh, rules)
-  state = init_state(tx, model.params, train_cfg.seed, shardings)
-  step = build_train_step(model, task, tx, schedule, train_cfg.grad_accum_steps, mesh, shardings)
+  shardings, _ = make_state_shardings(model, tx, mesh, rules, lora)
+  params, frozen = model.params, None
+  if lora is not None:
+    params, frozen = lora.init(jax.random.key(train_cfg.seed), params), lora.frozen(params)
+  state = init_state(tx, params, train_cfg.seed, shardings, frozen)
+  step = build_train_step(model, task, tx, schedule, train_cfg.grad_accum_steps, mesh, shardings,
+                          lora=lora)
   return state, step
 
 
@@ -237,13 +284,20 @@ class Trainer:
                   "speed of float32); use model.dtype=float32 on CPU.", cfg.model.dtype)
     cls = self.task.auto_class.model_class_for(model_config)
     layers = dict(scan_layers=cfg.model.scan_layers, remat=cfg.train.remat)
-    if resume_step is not None or cfg.model.from_scratch:
+    lora_cfg = cfg.model.get("lora")
+    lora_on = bool(lora_cfg and (lora_cfg.r or lora_cfg.adapter))
+    if lora_on and cfg.model.from_scratch:
+      raise ValueError("model.lora trains adapters on a pretrained base: set model.lora.r=0 (and "
+                       "model.lora.adapter unset) to train from scratch, or model.from_scratch=False.")
+    # A LoRA run always loads the base: its checkpoints hold only what trains.
+    if (resume_step is not None and not lora_on) or cfg.model.from_scratch:
       self.model = cls(model_config, dtype=dtype, _do_init=False, **layers)
       params = None
     else:
       self.model = cls.from_pretrained(model_dir, config=model_config, dtype=dtype, mesh=self.mesh,
                                        rules=cfg.mesh.rules, seed=cfg.train.seed, **layers)
       params = self.model.params
+    self.lora, self._lora_params = self._make_lora(lora_cfg, params) if lora_on else (None, None)
     self._build_shardings()
     self.state, self.start_step = self._init_state(params, resume_step)
     self._train_step = self._compile_train_step()
@@ -278,25 +332,55 @@ class Trainer:
       if size % jax.process_count():
         raise ValueError(f"{name} = {size} must divide over {jax.process_count()} processes.")
 
+  def _make_lora(self, c, params):
+    """(flaxhf.lora.Lora, imported trainable params or None) for model.lora.*."""
+    from flaxhf import lora
+    if c.adapter:  # continue a peft adapter: its adapter_config.json sets r, alpha and the targets
+      spec, trainable = lora.load_adapter(self.model, io.resolve_model_dir(c.adapter), params)
+      log.warning("LoRA: continuing the adapter in %s (r=%d, lora_alpha=%g; its "
+                  "adapter_config.json overrides model.lora.r/lora_alpha/target_modules).",
+                  c.adapter, spec.config.r, spec.config.lora_alpha)
+    else:
+      spec, trainable = lora.Lora(self.model, lora.LoraConfig.from_config(c)), None
+    log.info("LoRA r=%d on %d modules (%s), training in full: %s.", spec.config.r,
+             len(spec.targets), spec.target_modules, list(spec.modules_to_save) or "nothing else")
+    return spec, trainable
+
   def _build_shardings(self):
     self.param_shardings = sharding.param_shardings(self.model, self.mesh, self.cfg.mesh.rules)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.frozen_dtype = _dtype(self.cfg.model.lora.base_dtype) if self.lora else None
     self.state_shardings, self.abstract_state = make_state_shardings(
-        self.model, self.tx, self.mesh, self.cfg.mesh.rules)
+        self.model, self.tx, self.mesh, self.cfg.mesh.rules, self.lora, self.frozen_dtype)
+    # Checkpoints hold what trains; a LoRA run's frozen base is reloaded from model.name_or_path.
+    self.ckpt_abstract = {k: v for k, v in self.abstract_state.items() if k != "frozen"}
+
+  def _ckpt_state(self):
+    return {k: v for k, v in self.state.items() if k != "frozen"}
 
   def _init_state(self, params, resume_step):
+    frozen = None
+    if self.lora is not None:
+      frozen = place_frozen(self.lora.frozen(params), self.state_shardings["frozen"],
+                            self.frozen_dtype)
     if resume_step is not None:
       # The newest checkpoint that restores: a corrupt one is set aside with a warning.
-      state, meta, resume_step = self.ckpt.restore_latest(self.abstract_state)
+      state, meta, resume_step = self.ckpt.restore_latest(self.ckpt_abstract)
+      if frozen is not None:
+        state["frozen"] = frozen
+        self.model._params = None
       self._resume_data_state(meta, resume_step)
       log.warning("Resuming from step %d (checkpoint in %s).", resume_step, self.ckpt.directory)
       return state, int(meta.get("step", resume_step))
     if params is None:  # from scratch: initialise straight into the shards
       params = self.model.init_weights(jax.random.key(self.cfg.train.seed),
                                        shardings=self.param_shardings)
+    if self.lora is not None:
+      params = self._lora_params or self.lora.init(jax.random.key(self.cfg.train.seed), params)
+      self._lora_params = None
     self.model._params = None  # the state owns the params from here on
-    return init_state(self.tx, params, self.cfg.train.seed, self.state_shardings), 0
+    return init_state(self.tx, params, self.cfg.train.seed, self.state_shardings, frozen), 0
 
   def _resume_data_state(self, meta, step):
     """A stream continues where the checkpoint's metadata says this process's share stood."""
@@ -316,7 +400,7 @@ class Trainer:
   def _compile_train_step(self):
     step = build_train_step(self.model, self.task, self.tx, self.schedule,
                             self.cfg.train.grad_accum_steps, self.mesh, self.state_shardings,
-                            skip_nonfinite=self.cfg.train.nonfinite == "skip")
+                            skip_nonfinite=self.cfg.train.nonfinite == "skip", lora=self.lora)
     first = [True]
 
     def train_step(state, batch):
@@ -350,11 +434,18 @@ class Trainer:
             **getattr(self.data, "pad_values", {})}
 
   # ---- loops -------------------------------------------------------------------------------------
+  def inference_params(self, trainable=None):
+    """The model's params for eval, generation and export: a LoRA run's adapters merged in."""
+    trainable = self.state["params"] if trainable is None else trainable
+    if self.lora is None:
+      return trainable
+    return self.lora.merge(self.lora.join(trainable, self.state["frozen"]))
+
   def evaluate(self, params=None) -> dict:
     """Predicts every eval example exactly once and computes the task's metrics."""
     if self.data.eval is None:
       return {}
-    params = self.state["params"] if params is None else params
+    params = self.inference_params() if params is None else params
     preds = [None] * len(self.data.eval)
     for batch in batching.eval_batches(
         self.data.eval, global_batch_size=self.cfg.train.eval_batch_size,
@@ -438,19 +529,20 @@ class Trainer:
         window = []
       if stop:
         if step not in self.ckpt.all_steps():
-          self.ckpt.save(step, self.state, meta=self._meta(step), force=True)
+          self.ckpt.save(step, self._ckpt_state(), meta=self._meta(step), force=True)
         self.ckpt.wait_until_finished()  # synchronous: the machine may go any second now
         raise faults.Preempted(step, str(self.ckpt.directory))
-      eval_metrics = self.evaluate() if eval_due else None
+      infer = self.inference_params() if eval_due else None
+      eval_metrics = self.evaluate(infer) if eval_due else None
       if eval_metrics:
         logger.write("eval", step, eval_metrics)
         last_metrics = eval_metrics
         # Every process generates (the params are sharded); only process 0's logger writes.
-        samples = self.task.samples(self.model, self.state["params"], self.data)
+        samples = self.task.samples(self.model, infer, self.data)
         if samples:
           logger.write("samples", step, {"samples": samples})
       if step == total or step % cfg.checkpoint.every_steps == 0 or eval_metrics:
-        self.ckpt.save(step, self.state, meta=self._meta(step), metrics=eval_metrics or None,
+        self.ckpt.save(step, self._ckpt_state(), meta=self._meta(step), metrics=eval_metrics or None,
                        force=True)
       if eval_due or step % cfg.checkpoint.every_steps == 0:
         logger.reset_clock(step)
@@ -460,6 +552,8 @@ class Trainer:
     return {"step": int(step), "config": json.loads(self.cfg.to_json_best_effort()),
             "model_class": type(self.model).__name__, "model_config": self.model.config.to_dict(),
             "total_steps": self.total_steps,
+            # How to rebuild a LoRA run's adapters (export_checkpoint reloads the base for them).
+            **({"lora": self.lora.peft_config(self.cfg.model.name_or_path)} if self.lora else {}),
             # Every process's stream position (each reads its own share), in process order.
             **({"data_state": gather_json(self.stream.state_dict())} if self.stream else {})}
 
@@ -468,10 +562,14 @@ class Trainer:
     params, exported = self.state["params"], self.total_steps
     best = self.ckpt.best_step() if self.cfg.checkpoint.export_best else None
     if best is not None and best != self.total_steps:
-      params = self.ckpt.restore(best, self.abstract_state)[0]["params"]
+      params = self.ckpt.restore(best, self.ckpt_abstract)[0]["params"]
       exported = best
     export_dir = os.path.join(self.workdir, "export")
-    self.model.save_pretrained(export_dir, params=params)  # all processes gather, process 0 writes
+    if self.lora is not None:  # the peft adapter folder next to the merged model
+      self.lora.save(os.path.join(self.workdir, "adapter"), params,
+                     base_model_name_or_path=self.cfg.model.name_or_path)
+    # All processes gather, process 0 writes.
+    self.model.save_pretrained(export_dir, params=self.inference_params(params))
     results = {**final_metrics, "step": self.total_steps, "exported_step": exported}
     if self.is_main:
       self.tokenizer.save_pretrained(export_dir)
@@ -490,7 +588,8 @@ def run(cfg, workdir: str, devices=None) -> dict:
 
 
 def export_checkpoint(step_dir: str, out_dir: str, tokenizer_dir: Optional[str] = None) -> str:
-  """Exports one Orbax checkpoint folder (`WORKDIR/checkpoints/STEP`) as a PyTorch model folder."""
+  """Exports one Orbax checkpoint folder (`WORKDIR/checkpoints/STEP`) as a PyTorch model folder
+  (a LoRA run's: the merged model, and its peft adapter in `out_dir/adapter`)."""
   from transformers import AutoConfig
 
   import flaxhf
@@ -500,8 +599,19 @@ def export_checkpoint(step_dir: str, out_dir: str, tokenizer_dir: Optional[str] 
   config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
   cls = getattr(flaxhf, meta["model_class"])
   # A scanned run's checkpoint holds stacked layers: the same model unstacks them into PyTorch keys.
-  model = cls(config, _do_init=False, scan_layers=meta["config"]["model"].get("scan_layers", False))
-  model.save_pretrained(out_dir, params=restore_arrays(step_dir)["params"])
+  scan = meta["config"]["model"].get("scan_layers", False)
+  params = restore_arrays(step_dir)["params"]
+  if "lora" in meta:  # adapters only: reload the frozen base they were trained on
+    from flaxhf import lora
+    base = meta["lora"]["base_model_name_or_path"]
+    model = cls.from_pretrained(io.resolve_model_dir(base), config=config, scan_layers=scan,
+                                seed=meta["config"]["train"]["seed"])
+    spec = lora.Lora(model, lora.LoraConfig.from_peft(meta["lora"]), strict_modules_to_save=False)
+    spec.save(os.path.join(out_dir, "adapter"), params, base_model_name_or_path=base)
+    params = spec.merge(spec.join(params, model.params))
+  else:
+    model = cls(config, _do_init=False, scan_layers=scan)
+  model.save_pretrained(out_dir, params=params)
   tokenizer_dir = tokenizer_dir or os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(step_dir))), "tokenizer")
   if os.path.isdir(tokenizer_dir):

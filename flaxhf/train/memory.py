@@ -33,7 +33,8 @@ def step_memory(step, state, batch, compiler_options=None) -> dict:
   measured: buffer assignment, hence every number here, comes before LLVM's optimisations.
   """
   out = {"params_bytes": shard_bytes(state["params"]),
-         "opt_state_bytes": shard_bytes(state["opt_state"])}
+         "opt_state_bytes": shard_bytes(state["opt_state"]),
+         **({"frozen_bytes": shard_bytes(state["frozen"])} if "frozen" in state else {})}
   stats = step.lower(state, batch).compile(compiler_options).memory_analysis()
   if stats is not None:  # a backend may not report one
     out.update(argument_bytes=stats.argument_size_in_bytes,
@@ -48,7 +49,7 @@ def step_memory(step, state, batch, compiler_options=None) -> dict:
 
 def describe(mem: dict) -> str:
   """One log line, in MiB."""
-  names = ("params", "opt_state", "argument", "output", "alias", "temp", "generated_code", "total")
+  names = ("params", "opt_state", "frozen", "argument", "output", "alias", "temp", "generated_code", "total")
   parts = [f"{n} {mem[n + '_bytes'] / MiB:.1f}" for n in names if n + "_bytes" in mem]
   return "Train step memory per device (MiB): " + ", ".join(parts)
 
@@ -61,11 +62,16 @@ def abstract_batch(mesh, arrays: dict) -> dict:
           for k, v in arrays.items()}
 
 
-def abstract_train_step(model, task, train_cfg, mesh, rules, total_steps: int = 1000):
-  """(jitted step, abstract state) as the Trainer builds them, without allocating any weights."""
+def abstract_train_step(model, task, train_cfg, mesh, rules, total_steps: int = 1000, lora=None,
+                        frozen_dtype=None):
+  """(jitted step, abstract state) as the Trainer builds them, without allocating any weights;
+  with a `flaxhf.lora.Lora`, a LoRA run's (params: what trains, frozen: the base)."""
+  import jax.numpy as jnp
+
   from flaxhf.train import engine, optim
   tx, schedule = optim.make_optimizer(train_cfg, total_steps)
-  shardings, abstract = engine.make_state_shardings(model, tx, mesh, rules)
+  shardings, abstract = engine.make_state_shardings(model, tx, mesh, rules, lora,
+                                                    frozen_dtype or jnp.float32)
   step = engine.build_train_step(model, task, tx, schedule, train_cfg.grad_accum_steps, mesh,
-                                 shardings)
+                                 shardings, lora=lora)
   return step, abstract
