@@ -3,9 +3,7 @@
 import json
 import os
 import re
-import shlex
 import subprocess
-import sys
 import time
 
 import numpy as np

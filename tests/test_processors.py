@@ -1,6 +1,5 @@
 """Logits processors against transformers' own `_get_logits_processor` chain (no model needed)."""
 
-import copy
 import types
 
 import jax

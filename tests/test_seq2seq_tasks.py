@@ -19,7 +19,7 @@ from flaxhf.data import seq2seq as s2s_data
 from flaxhf.data import tokenizer_training as tt
 from flaxhf.data.sources import DataError
 from flaxhf.train import engine
-from flaxhf.train.tasks_seq2seq import (Summarization, Translation, label_smoothed_losses,
+from flaxhf.train.tasks_seq2seq import (Translation, label_smoothed_losses,
                                         sharded_generator)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ import transformers
 
 import flaxhf
 from flaxhf.models.base import flatten
-from model_utils import HEADS, TINY_CONFIGS, VOCAB, make_inputs, torch_model
+from model_utils import TINY_CONFIGS, VOCAB, make_inputs, torch_model
 
 AUTO = {"sequence_classification": flaxhf.FlaxAutoModelForSequenceClassification,
         "token_classification": flaxhf.FlaxAutoModelForTokenClassification,

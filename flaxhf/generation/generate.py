@@ -18,7 +18,6 @@ program instead; `sequences` then keep their static [batch, max_length] shape, p
 row's end as v4's Flax generate returns them (there is no host step to crop them).
 """
 
-import copy
 import logging
 from typing import Any, Optional
 
