@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
+import flaxhf
 from flaxhf import metrics as M
 from flaxhf.data import batching
 from flaxhf.data import seq2seq as s2s_data
@@ -108,9 +110,9 @@ def test_translation_prep_prefix_truncation_and_label_padding(tmp_path, tokenize
     assert (batch["input_ids"][row][batch["attention_mask"][row] == 0] == tok.pad_token_id).all()
   # The decoder side, built on device: labels shifted right after the start (pad) token.
   task = Translation(_config("translation"))
-  task.model_type, task.pad_id, task.start_id = "t5", 0, 0
-  from flaxhf.models.t5 import shift_tokens_right
-  task._shift = shift_tokens_right
+  task.pad_id, task.start_id = 0, 0
+  task.family = flaxhf.FlaxT5ForConditionalGeneration
+  task.config = transformers.T5Config(pad_token_id=0, decoder_start_token_id=0)
   out = task.device_transform({k: jnp.asarray(v) for k, v in batch.items()}, None, train=True)
   labels = batch["labels"]
   want = np.concatenate([np.zeros((3, 1), int), np.where(labels == -100, 0, labels)[:, :-1]], 1)
@@ -235,9 +237,8 @@ def test_task_loss_equals_transformers_t5_loss(tmp_path):
   pt.save_pretrained(tmp_path)
   model = FlaxAutoModelForSeq2SeqLM.from_pretrained(str(tmp_path))
   task = Translation(_config("translation", **{"train.label_smoothing": 0.0}))
-  task.model_type, task.pad_id, task.start_id = "t5", 0, 0
-  from flaxhf.models.t5 import shift_tokens_right
-  task._shift = shift_tokens_right
+  task.pad_id, task.start_id = 0, 0
+  task.family, task.config = type(model), model.config
   rng = np.random.default_rng(1)
   ids, labels = rng.integers(3, 64, (3, 9)), rng.integers(3, 64, (3, 6))
   mask = np.ones_like(ids)

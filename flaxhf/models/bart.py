@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import BartConfig, MarianConfig, MBartConfig, PretrainedConfig
 
-from flaxhf.generation import GenerationMixin
 from flaxhf.models import outputs as O
-from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
+from flaxhf.models.base import model_class
 from flaxhf.models.decoder import cache_kv, count_positions, decoder_mask
 # v4 scripts import shift_tokens_right from the model's module (flaxhf.models.marian re-exports it).
-from flaxhf.models.decoder import shift_tokens_right
+from flaxhf.models.decoder import shift_tokens_right  # noqa: F401
+from flaxhf.models.seq2seq import Seq2SeqLM, Seq2SeqPreTrainedModel
 from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
@@ -421,240 +421,6 @@ class BartForQuestionAnsweringModule(_HeadModule):
                                                  end_logits=logits[..., 1], **_seq2seq_fields(out))
 
 
-def _int(a):
-  return None if a is None else jnp.asarray(a, jnp.int32)
-
-
-def _check_shape(name, arr, want):
-  if arr is not None and tuple(arr.shape) != tuple(want):
-    raise ValueError(f"{name} has shape {tuple(arr.shape)} but must be {tuple(want)}.")
-
-
-def _cache_index(cache):
-  """The decoder cache's fill level (a scalar), with a clear error for anything but a cache."""
-  index = [v for k, v in flatten(cache).items() if k.endswith("self_attn.cache_index")] if isinstance(
-      cache, dict) else []
-  if not index:
-    raise ValueError("past_key_values must be the cache from model.init_cache(batch_size, max_length, "
-                     "encoder_outputs) (or a previous decode's outputs.past_key_values).")
-  return index[0]
-
-
-class Seq2SeqPreTrainedModel(FlaxPreTrainedModel):
-  """Encoder-decoders with transformers v4's Flax seq2seq calls: `encode`, `decode`, `init_cache`."""
-
-  base_model_prefix = "model"
-  uses_token_type_ids = False
-  # Copies of the tied embedding that checkpoints may carry, and fairseq's version buffers.
-  ignore_on_load = (r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$",
-                    r"(^|\.)(encoder|decoder)\.version$")
-  ignore_on_save = ()  # keys transformers leaves out of its checkpoints (Marian's fixed positions)
-  buffers = ("final_logits_bias",)  # in the state dict, but not parameters in transformers
-
-  def dummy_inputs(self):
-    ids = jnp.zeros(self.input_shape, jnp.int32)
-    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), decoder_input_ids=ids,
-                decoder_attention_mask=jnp.ones_like(ids))
-
-  def num_parameters(self, params=None) -> int:
-    """What transformers' `num_parameters()` counts: every parameter, buffers left out."""
-    shapes = flatten(self.param_shapes()) if params is None else {
-        k: v.shape for k, v in flatten(params).items()}
-    return int(sum(np.prod(s) for k, s in shapes.items() if k not in self.buffers))
-
-  # ---- loading and export ------------------------------------------------------------------------
-  def _params_from_state_dict(self, state, **kwargs):
-    """Fills what transformers fills itself when a checkpoint lacks it, then loads strictly."""
-    expected = flatten(self.param_shapes())
-    prefix = self.base_model_prefix + "."
-    is_head = any(k.startswith(prefix) for k in expected)
-    has_prefix = any(k.startswith(prefix) for k in state)
-    if is_head and not has_prefix:  # a base checkpoint into a head: as the base loader would
-      state = {prefix + k: v for k, v in state.items()}
-    state = dict(state)
-    for k, shape in expected.items():
-      if k in state:
-        continue
-      if k in self.buffers:  # zeros, as transformers initialises the buffer
-        state[k] = np.zeros(shape, np.float32)
-      elif FLAVORS[self.config.model_type].sinusoidal and k.endswith("embed_positions.weight"):
-        state[k] = np.asarray(marian_sinusoidal_init(None, shape))  # transformers does not save it
-    return super()._params_from_state_dict(state, **kwargs)
-
-  def state_dict(self, params=None):
-    """The PyTorch-named state dict as transformers saves it (without the keys it leaves out)."""
-    import re
-    state = super().state_dict(params)
-    return {k: v for k, v in state.items() if not any(re.search(p, k) for p in self.ignore_on_save)}
-
-  # ---- calling -----------------------------------------------------------------------------------
-  def _apply(self, method, params, dropout_rng, train, cache=None, **kwargs):
-    if train and dropout_rng is None:
-      raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...).")
-    variables = {"params": self.params if params is None else params}
-    if cache is not None:
-      variables["cache"] = cache
-    out = self.module.apply(variables, **kwargs, method=method,
-                            rngs={"dropout": dropout_rng} if train else {},
-                            mutable=["cache"] if cache is not None else False)
-    if cache is not None:
-      out, mutated = out
-      out = out.replace(past_key_values=mutated["cache"])
-    return out
-
-  def _default_decoder_inputs(self, input_ids, labels):
-    """decoder_input_ids as transformers derives them: from the labels (LM head), else the inputs."""
-    c = self.config
-    source = labels if labels is not None and self.task == "seq2seq_lm" else input_ids
-    if source is input_ids and c.model_type == "marian":
-      raise ValueError(f"{type(self).__name__} needs decoder_input_ids (Marian does not derive them "
-                       "from input_ids): pass decoder_input_ids, or labels to FlaxMarianMTModel.")
-    if c.model_type == "mbart":
-      return mbart_shift_tokens_right(source, c.pad_token_id)
-    return shift_tokens_right(source, c.pad_token_id, c.decoder_start_token_id)
-
-  def _check_eos(self, input_ids):
-    """BartForSequenceClassification's rule: every row holds the same (non-zero) number of EOS."""
-    if isinstance(input_ids, jax.core.Tracer):
-      return  # under jit the values are unknown; transformers checks them eagerly too
-    counts = np.asarray(input_ids == self.config.eos_token_id).sum(axis=1)
-    if len(np.unique(counts)) > 1:
-      raise ValueError(f"All examples must have the same number of <eos> tokens (eos_token_id="
-                       f"{self.config.eos_token_id}); got {counts.tolist()} per row.")
-    if counts.size and counts[0] == 0:
-      raise ValueError("Each example must contain at least one <eos> token: the classifier reads the "
-                       "decoder state at the last one.")
-
-  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None, position_ids=None, decoder_position_ids=None,
-               params=None, dropout_rng=None, train: bool = False, output_attentions=None,
-               output_hidden_states=None, return_dict=None, labels=None, start_positions=None,
-               end_positions=None):
-    input_ids = _int(input_ids)
-    if input_ids is None or input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, length]; got {None if input_ids is None else input_ids.shape}.")
-    b, l = input_ids.shape
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _int(attention_mask)
-    if decoder_input_ids is None:
-      decoder_input_ids = self._default_decoder_inputs(input_ids, _int(labels))
-    decoder_input_ids = _int(decoder_input_ids)
-    t = decoder_input_ids.shape[1]
-    decoder_attention_mask = (jnp.ones_like(decoder_input_ids) if decoder_attention_mask is None
-                              else _int(decoder_attention_mask))
-    position_ids = count_positions(b, l) if position_ids is None else _int(position_ids)
-    decoder_position_ids = (count_positions(b, t) if decoder_position_ids is None
-                            else _int(decoder_position_ids))
-    for name, arr, want in (("attention_mask", attention_mask, (b, l)), ("position_ids", position_ids, (b, l)),
-                            ("decoder_input_ids", decoder_input_ids, (b, t)),
-                            ("decoder_attention_mask", decoder_attention_mask, (b, t)),
-                            ("decoder_position_ids", decoder_position_ids, (b, t))):
-      _check_shape(name, arr, want)
-    if self.task == "sequence_classification":
-      self._check_eos(input_ids)
-    outputs = self._apply(
-        None, params, dropout_rng, train, input_ids=input_ids, attention_mask=attention_mask,
-        decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-        position_ids=position_ids, decoder_position_ids=decoder_position_ids, deterministic=not train,
-        output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states))
-    return self.finish_outputs(outputs, labels, start_positions, end_positions, return_dict)
-
-  def encode(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
-             output_hidden_states=None, return_dict=None, train: bool = False, params=None,
-             dropout_rng=None):
-    """Runs the encoder only; the result feeds `decode` (v4's `encoder_outputs`)."""
-    input_ids = _int(input_ids)
-    b, l = input_ids.shape
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _int(attention_mask)
-    position_ids = count_positions(b, l) if position_ids is None else _int(position_ids)
-    _check_shape("attention_mask", attention_mask, (b, l))
-    out = self._apply("encode", params, dropout_rng, train, input_ids=input_ids,
-                      attention_mask=attention_mask, position_ids=position_ids,
-                      deterministic=not train, output_attentions=bool(output_attentions),
-                      output_hidden_states=bool(output_hidden_states))
-    return out.to_tuple() if return_dict is False else out
-
-  def decode(self, decoder_input_ids, encoder_outputs, encoder_attention_mask=None,
-             decoder_attention_mask=None, decoder_position_ids=None, past_key_values=None,
-             output_attentions=None, output_hidden_states=None, return_dict=None,
-             train: bool = False, params=None, dropout_rng=None):
-    """Runs the decoder over `encoder_outputs`; with `past_key_values` (from `init_cache`) it
-    appends to the cache, whose slots `decoder_attention_mask` [batch, max_length] then covers."""
-    ids = _int(decoder_input_ids)
-    b, t = ids.shape
-    encoder_hidden = encoder_outputs  # v4 passes encode()'s output; its first field is the states
-    if hasattr(encoder_outputs, "last_hidden_state"):
-      encoder_hidden = encoder_outputs.last_hidden_state
-    elif isinstance(encoder_outputs, (tuple, list)):
-      encoder_hidden = encoder_outputs[0]
-    first = 0
-    if past_key_values is None:
-      want = (b, t)
-    else:
-      first = _cache_index(past_key_values)
-      want = (b, next(v for k, v in flatten(past_key_values).items()
-                      if k.endswith("self_attn.cached_key")).shape[1])
-    if encoder_hidden is None and past_key_values is None:
-      raise ValueError("decode needs encoder_outputs (from model.encode(...)).")
-    if encoder_attention_mask is None:
-      s = (encoder_hidden.shape[1] if encoder_hidden is not None else next(
-          v for k, v in flatten(past_key_values).items() if k.endswith("encoder_attn.cached_key")).shape[1])
-      encoder_attention_mask = jnp.ones((b, s), jnp.int32)
-    mask = jnp.ones(want, jnp.int32) if decoder_attention_mask is None else _int(decoder_attention_mask)
-    _check_shape("decoder_attention_mask", mask, want)  # with a cache: over every cache slot
-    positions = count_positions(b, t, first) if decoder_position_ids is None else _int(decoder_position_ids)
-    out = self._apply("decode", params, dropout_rng, train, cache=past_key_values,
-                      decoder_input_ids=ids, decoder_attention_mask=mask,
-                      decoder_position_ids=positions, encoder_hidden_states=encoder_hidden,
-                      encoder_attention_mask=_int(encoder_attention_mask), deterministic=not train,
-                      output_attentions=bool(output_attentions),
-                      output_hidden_states=bool(output_hidden_states))
-    return out.to_tuple() if return_dict is False else out
-
-  def init_cache(self, batch_size: int, max_length: int, encoder_outputs=None):
-    """A zero self-attention cache of `max_length` slots (shapes from jax.eval_shape, no params made).
-
-    `encoder_outputs` is accepted for transformers v4's signature; the cache does not depend on it.
-    """
-    del encoder_outputs
-    if max_length > self.config.max_position_embeddings:
-      raise ValueError(f"max_length={max_length} exceeds the decoder's max_position_embeddings="
-                       f"{self.config.max_position_embeddings}; generate fewer tokens.")
-    ids = jnp.ones((batch_size, max_length), jnp.int32)
-    enc = jnp.zeros((batch_size, 1, self.config.d_model), self.dtype)
-
-    def cache():
-      return self.module.init(jax.random.key(0), ids, ids, count_positions(batch_size, max_length), enc,
-                              jnp.ones((batch_size, 1), jnp.int32), init_cache=True,
-                              method="decode")["cache"]
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
-
-
-class Seq2SeqLM(Seq2SeqPreTrainedModel, GenerationMixin):
-  """The generation hooks of the LM heads (flaxhf.generation drives the loop)."""
-
-  is_encoder_decoder = True
-
-  def max_encoder_positions(self):
-    return self.config.max_position_embeddings
-
-  def _generation_prefill(self, params, ids_NxP, mask_NxP, cache_len, inputs):
-    n, p = ids_NxP.shape
-    mask_NxS = jnp.ones((n, cache_len), jnp.int32).at[:, :p].set(mask_NxP)
-    enc_mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
-    out = self._apply("generation_prefill", params, None, False, cache=self.init_cache(n, cache_len),
-                      input_ids=jnp.asarray(inputs["input_ids"], jnp.int32), attention_mask=enc_mask,
-                      decoder_input_ids=ids_NxP, decoder_attention_mask=mask_NxS,
-                      decoder_position_ids=count_positions(n, p))
-    state = {"cache": out.past_key_values, "mask": mask_NxS, "encoder_mask": enc_mask}
-    return out.logits[:, -1], state
-
-  def _generation_step(self, params, tokens_N, state):
-    out = self.decode(tokens_N[:, None], None, encoder_attention_mask=state["encoder_mask"],
-                      decoder_attention_mask=state["mask"], past_key_values=state["cache"],
-                      params=params)
-    return out.logits[:, -1], {**state, "cache": out.past_key_values}
-
-
 # (public-class suffix, module, task); the LM head also generates.
 _HEADS = (("Model", BartModule, None), ("ForConditionalGeneration", BartForConditionalGenerationModule,
                                          "seq2seq_lm"),
@@ -662,9 +428,43 @@ _HEADS = (("Model", BartModule, None), ("ForConditionalGeneration", BartForCondi
           ("ForQuestionAnswering", BartForQuestionAnsweringModule, "question_answering"))
 
 
-def _family(arch, config_class, module_name, heads):
+class _BartHooks:
+  """BART decodes from </s>."""
+
+  @classmethod
+  def decoder_start_from_tokenizer(cls, tokenizer, data_cfg):
+    return tokenizer.eos_token_id
+
+
+class _MBartHooks:
+  """mBART: language codes end sources and targets; the target's code starts decoding."""
+
+  language_codes = True
+
+  @classmethod
+  def shift_labels(cls, labels, config):
+    return mbart_shift_tokens_right(labels, config.pad_token_id)
+
+  @classmethod
+  def decoder_start_from_tokenizer(cls, tokenizer, data_cfg):
+    from flaxhf.data.seq2seq import mbart_codes  # late: the data package imports no model code
+    return mbart_codes(data_cfg, tokenizer)[1]  # the cc25 layout: the target language code
+
+
+class _MarianHooks:
+  """Marian: fixed sinusoidal positions (rebuilt, never saved); no decoder inputs from input_ids."""
+
+  decoder_inputs_from_inputs = False
+
+  def missing_state(self, key, shape):
+    if key.endswith("embed_positions.weight"):
+      return np.asarray(marian_sinusoidal_init(None, shape))
+    return None
+
+
+def _family(arch, config_class, module_name, heads, hooks):
   """Flax{arch}PreTrainedModel, then Flax{arch}{suffix} per head, registered for the auto classes."""
-  base = type(f"Flax{arch}PreTrainedModel", (Seq2SeqPreTrainedModel,),
+  base = type(f"Flax{arch}PreTrainedModel", (hooks, Seq2SeqPreTrainedModel),
               dict(config_class=config_class, __module__=module_name))
   return (base, *(model_class(f"Flax{arch}{suffix}", base, module, task,
                               mixins=(Seq2SeqLM,) if task == "seq2seq_lm" else ())
@@ -673,13 +473,14 @@ def _family(arch, config_class, module_name, heads):
 
 (FlaxBartPreTrainedModel, FlaxBartModel, FlaxBartForConditionalGeneration,
  FlaxBartForSequenceClassification, FlaxBartForQuestionAnswering) = _family(
-     "Bart", BartConfig, __name__, _HEADS)
+     "Bart", BartConfig, __name__, _HEADS, _BartHooks)
 # transformers v4 scripts import shift_tokens_right from the model's module (`model.__module__`):
 # flaxhf.models.mbart and flaxhf.models.marian re-export these classes with their own.
 (FlaxMBartPreTrainedModel, FlaxMBartModel, FlaxMBartForConditionalGeneration,
  FlaxMBartForSequenceClassification, FlaxMBartForQuestionAnswering) = _family(
-     "MBart", MBartConfig, "flaxhf.models.mbart", _HEADS)
+     "MBart", MBartConfig, "flaxhf.models.mbart", _HEADS, _MBartHooks)
 FlaxMarianPreTrainedModel, FlaxMarianModel, FlaxMarianMTModel = _family(
-    "Marian", MarianConfig, "flaxhf.models.marian", (_HEADS[0], ("MTModel",) + _HEADS[1][1:]))
+    "Marian", MarianConfig, "flaxhf.models.marian", (_HEADS[0], ("MTModel",) + _HEADS[1][1:]),
+    _MarianHooks)
 # transformers' MarianMTModel._keys_to_ignore_on_save: the fixed tables are rebuilt on load.
 FlaxMarianMTModel.ignore_on_save = (r"^model\.(encoder|decoder)\.embed_positions\.weight$",)

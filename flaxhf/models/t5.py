@@ -31,6 +31,7 @@ from flaxhf.models.decoder import shift_tokens_right  # noqa: F401 -- v4 scripts
 from flaxhf.models.layers import (Embedding, Linear, RMSNorm, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
+from flaxhf.models.seq2seq import EncoderDecoderHooks
 
 
 def relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
@@ -371,12 +372,13 @@ def decoder_start_token_id(config) -> int:
   return int(start)
 
 
-class FlaxT5PreTrainedModel(FlaxPreTrainedModel):
+class FlaxT5PreTrainedModel(EncoderDecoderHooks, FlaxPreTrainedModel):
   """T5 models with transformers v4's Flax seq2seq calls: __call__, encode, decode, init_cache."""
 
   config_class = T5Config
   base_model_prefix = "transformer"
   uses_token_type_ids = False
+  source_prefix_expected = True  # "translate English to German: " and the like
 
   @property
   def ignore_on_load(self):

@@ -14,7 +14,6 @@ the workdir holds the last eval's outputs, one line per example.
 """
 
 import copy
-import importlib
 import logging
 import os
 
@@ -91,11 +90,12 @@ class Seq2Seq(Task):
     self.tokenizer = tokenizer
     # The family decides the data layout (mBART's language codes), so read its config now.
     model_dir = io.resolve_model_dir(m.name_or_path) if m.name_or_path else None
-    self.model_type = load_model_config(m, model_dir).model_type
-    if self.model_type in ("t5", "mt5") and not d.source_prefix and self.kind == "translation":
-      log.warning("T5 without data.source_prefix: checkpoints trained on T5's mixture expect e.g. "
-                  "'translate English to Romanian: ' (harmless from scratch).")
-    return prepare_seq2seq(d, tokenizer, self.kind, mbart=self.model_type == "mbart")
+    config = load_model_config(m, model_dir)
+    self.family = self.auto_class.model_class_for(config)  # its hooks answer what differs
+    if self.family.source_prefix_expected and not d.source_prefix and self.kind == "translation":
+      log.warning("%s without data.source_prefix: pretrained checkpoints expect e.g. 'translate "
+                  "English to Romanian: ' (harmless from scratch).", config.model_type)
+    return prepare_seq2seq(d, tokenizer, self.kind, mbart=self.family.language_codes)
 
   def configure_model(self, config, task_data):
     if not getattr(config, "is_encoder_decoder", False):
@@ -111,7 +111,7 @@ class Seq2Seq(Task):
         setattr(config, name, getattr(tok, name))
       if getattr(config, "forced_eos_token_id", None) is not None:
         config.forced_eos_token_id = tok.eos_token_id
-      config.decoder_start_token_id = self._family_start(config)
+      config.decoder_start_token_id = self.family.decoder_start_from_tokenizer(tok, self.cfg.data)
     elif len(tok) > config.vocab_size:
       raise ValueError(f"The tokenizer has {len(tok)} tokens but the checkpoint embeds "
                        f"{config.vocab_size}: use the checkpoint's own tokenizer, or train from "
@@ -122,7 +122,7 @@ class Seq2Seq(Task):
       raise ValueError(f"The {type(config).__name__} has no decoder_start_token_id: labels cannot be "
                        "shifted into decoder inputs, nor generation start. T5 and Marian start "
                        "from the pad token, BART from </s>: set model.decoder_start_token_id="
-                       f"{tok.pad_token_id if self.model_type != 'bart' else tok.eos_token_id}.")
+                       f"{self.family.decoder_start_from_tokenizer(tok, self.cfg.data)}.")
     positions = getattr(config, "max_position_embeddings", None)
     d, ev = self.cfg.data, self.cfg.eval
     needs = {"data.max_source_length": int(d.max_source_length),
@@ -134,25 +134,12 @@ class Seq2Seq(Task):
                          f"lower it, or from scratch raise model.config_overrides="
                          f"'max_position_embeddings={n}'.")
     self.pad_id, self.start_id = int(config.pad_token_id), int(config.decoder_start_token_id)
-    module = {"mbart": "flaxhf.models.mbart", "t5": "flaxhf.models.t5",
-              "mt5": "flaxhf.models.t5"}.get(config.model_type, "flaxhf.models.bart")
-    self._shift = importlib.import_module(module).shift_tokens_right  # v4: the model module's own
-
-  def _family_start(self, config):
-    if config.model_type == "mbart":  # cc25 layout: decoding starts from the target language code
-      from flaxhf.data.seq2seq import mbart_codes
-      return mbart_codes(self.cfg.data, self.tokenizer)[1]
-    if config.model_type == "bart":
-      return self.tokenizer.eos_token_id
-    return self.tokenizer.pad_token_id  # T5, Marian
+    self.config = config
 
   # ---- train and eval steps ----------------------------------------------------------------------
   def device_transform(self, batch, rng, train):
     labels = batch["labels"]
-    if self.model_type == "mbart":
-      decoder_input_ids = self._shift(labels, self.pad_id)
-    else:
-      decoder_input_ids = self._shift(labels, self.pad_id, self.start_id)
+    decoder_input_ids = self.family.shift_labels(labels, self.config)
     # Right padding under a causal mask changes no real position; slot 0 (the start token) stays
     # visible so an eval dummy row (all -100) has no fully masked softmax row.
     decoder_mask = (labels != IGNORE_INDEX).at[:, 0].set(True).astype(jnp.int32)
