@@ -12,6 +12,9 @@ ARGS, comma-separated:
   streaming       read the train texts lazily (data.streaming): needs train.steps and eval data
                   (a validation file or split; none is held out of a stream).
   smoke           a run of seconds; model=NAME_OR_PATH (a checkpoint to fine-tune); steps=N.
+  family=NAME     with local: a small model of another decoder family from scratch (gpt2, llama,
+                  mistral, qwen2, qwen3), the same tokenizer and data. Any family flaxhf has also
+                  trains with model.config_name=TYPE (+ model.config_overrides) or a local HF folder.
 The hub default is openai-community/gpt2 on wikitext-2-raw-v1, as HF's run_clm.py example.
 
 `data.block_size` is `data.max_length` (one value: setting either sets both).
@@ -28,10 +31,20 @@ WIKITEXT_DIR = os.path.join(LM_DIR, "wikitext-2-v1")
 TINYSHAKESPEARE = os.path.join(LM_DIR, "tinyshakespeare", "input.txt")
 LOCAL_GPT2 = "n_embd=128,n_layer=4,n_head=4,n_positions=256"
 SMOKE_GPT2 = "n_embd=64,n_layer=2,n_head=2,n_positions=128"
+_ROTARY = ("hidden_size={d},intermediate_size={f},num_hidden_layers={n},num_attention_heads=4,"
+           "num_key_value_heads=2,max_position_embeddings={p}")
+# family -> (local, smoke) model.config_overrides of a small model from scratch.
+FAMILY_SIZES = {"gpt2": (LOCAL_GPT2, SMOKE_GPT2),
+                **{f: (_ROTARY.format(d=128, f=352, n=4, p=256), _ROTARY.format(d=64, f=176, n=2, p=128))
+                   for f in ("llama", "mistral", "qwen2", "qwen3")}}
 
 
 def get_config(arg=None):
   flags, values = common.parse_arg(arg)
+  family = values.pop("family", "gpt2")
+  if family not in FAMILY_SIZES:
+    raise common.ConfigError(f"family={family!r} is not one of {sorted(FAMILY_SIZES)} (other "
+                             "decoder types: model.config_name=TYPE with model.config_overrides).")
   c = common.base_config("causal_lm")
   c.model.name_or_path = "openai-community/gpt2"
   c.model.from_scratch = "scratch" in flags
@@ -60,8 +73,8 @@ def get_config(arg=None):
 
   if "local" in flags:
     c.model.name_or_path = None
-    c.model.config_name = "gpt2"
-    c.model.config_overrides = LOCAL_GPT2
+    c.model.config_name = family
+    c.model.config_overrides = FAMILY_SIZES[family][0]
     c.model.from_scratch = True
     c.data.dataset = None
     c.data.subset = None
@@ -98,6 +111,6 @@ def get_config(arg=None):
     c.eval.num_samples = 2
     c.eval.max_new_tokens = 8
     if "local" in flags and "model" not in values:
-      c.model.config_overrides = SMOKE_GPT2
+      c.model.config_overrides = FAMILY_SIZES[family][1]
   c.lock()
   return c

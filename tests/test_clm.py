@@ -334,27 +334,32 @@ def test_from_scratch_run_learns_resumes_and_exports(tmp_path, caplog):
   assert transformers.AutoTokenizer.from_pretrained(workdir / "export").eos_token_id == 50256
 
 
-# ---- real data: a small GPT-2 from scratch on tinyshakespeare, through the CLI ------------------
+# ---- real data: a small GPT-2 / Llama from scratch on tinyshakespeare, through the CLI ----------
+# family -> the tiny model of the CI runs (the documented local sizes: configs/clm.py FAMILY_SIZES).
+CLI_MODELS = {"gpt2": "n_embd=64,n_layer=2,n_head=2,n_positions=64",
+              "llama": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,num_attention_heads=4,"
+                        "num_key_value_heads=2,max_position_embeddings=64")}
 
-def _cli_overrides(**extra):
-  return {"model.config_overrides": "n_embd=64,n_layer=2,n_head=2,n_positions=64",
+
+def _cli_overrides(family="gpt2", **extra):
+  return {"model.config_overrides": CLI_MODELS[family],
           "data.block_size": 64, "data.max_eval_samples": 64, "train.steps": 150,
           "train.batch_size": 8, "train.learning_rate": 3e-3, "train.eval_every": 0,
           "train.log_every": 25, "train.progress_bar": False, "checkpoint.every_steps": 1000,
           "eval.max_new_tokens": 16, "mesh.data": 1, **extra}
 
 
-def _train_cli(data_dir, workdir, overrides, timeout):
+def _train_cli(data_dir, workdir, overrides, timeout, arg="tinyshakespeare,local"):
   """launch/run.py on one CPU device; (untrained eval metrics of the same run, trained ones)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
-  cmd = [sys.executable, "launch/run.py", "--config", "configs/clm.py:tinyshakespeare,local",
+  cmd = [sys.executable, "launch/run.py", "--config", f"configs/clm.py:{arg}",
          "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   trained = json.load(open(workdir / "eval_results.json"))
   # The same config's untrained model (same seed: the run's step-0 weights), scored here.
-  cfg = _config("tinyshakespeare,local", **overrides)
+  cfg = _config(arg, **overrides)
   cfg.data.train_file = str(data_dir / "language_modeling" / "tinyshakespeare" / "input.txt")
   trainer = _trainer(cfg, workdir.parent / (workdir.name + "_untrained"))
   try:
@@ -381,11 +386,13 @@ def _assert_generation_matches_pytorch(export_dir, prompts, new_tokens):
   return got
 
 
-def test_tinyshakespeare_gpt2_from_scratch_cli(data_dir, tmp_path):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tinyshakespeare_from_scratch_cli(family, data_dir, tmp_path):
   import time
   start = time.perf_counter()
-  trainer, untrained, trained = _train_cli(data_dir, tmp_path / "run", _cli_overrides(), 600)
-  print(f"tinyshakespeare CI: untrained {untrained}, trained {trained}, "
+  trainer, untrained, trained = _train_cli(data_dir, tmp_path / "run", _cli_overrides(family), 600,
+                                           arg=f"tinyshakespeare,local,family={family}")
+  print(f"tinyshakespeare CI {family}: untrained {untrained}, trained {trained}, "
         f"{time.perf_counter() - start:.0f} s")
   assert untrained["perplexity"] > 30_000  # near-uniform over 50257 tokens
   assert trained["tokens"] == untrained["tokens"] == 64 * 63

@@ -19,7 +19,10 @@ ARGS = {
             "local,steps=10"],
     "clm": ["", "smoke", "local", "local,smoke", "tinyshakespeare,local", "local,per_document",
             "tinyshakespeare,local,per_document,smoke", "scratch,smoke", "model=bert-base-cased",
-            "local,model=bert-base-cased", "local,steps=10"],
+            "local,model=bert-base-cased", "local,steps=10", "local,family=llama",
+            "local,family=qwen3,smoke"],
+    "sft": ["", "smoke", "local", "local,smoke", "local,gsm8k", "local,family=gpt2,smoke",
+            "model=bert-base-cased", "local,model=bert-base-cased", "local,steps=10"],
     "translation": ["", "smoke", "local", "local,smoke", "local,newstest", "local,multi30k",
                     "local,family=bart", "local,family=marian,smoke", "local,family=t5", "scratch,smoke",
                     "model=bert-base-cased", "local,model=bert-base-cased", "local,steps=10"],
@@ -44,10 +47,16 @@ def test_config_loads(name, arg, request):
     assert cfg.train.steps <= 10
   if "local" in arg:
     assert cfg.data.train_file and cfg.data.dataset is None
-    if name == "clm" and "model=" not in arg:  # from scratch: a config and a tokenizer folder
+    if name in ("clm", "sft") and "model=" not in arg:  # from scratch: a config and a tokenizer
+      family = arg.split("family=")[1].split(",")[0] if "family=" in arg else (
+          "gpt2" if name == "clm" else "llama")
       assert cfg.model.name_or_path is None and cfg.model.from_scratch
-      assert cfg.model.config_name == "gpt2" and "n_layer=" in cfg.model.config_overrides
+      assert cfg.model.config_name == family
+      assert ("n_layer=" if family == "gpt2" else "num_key_value_heads=") in cfg.model.config_overrides
       assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
+      if name == "sft":
+        assert cfg.data.chat_template == "default" and cfg.data.packing
+        assert ("gsm8k" if "gsm8k" in arg else "gpteacher") in cfg.data.train_file
     elif name in SEQ2SEQ and "model=" not in arg:  # from scratch, a tokenizer trained on train
       family = "marian" if "marian" in arg else "t5" if "t5" in arg else "bart"
       assert cfg.model.name_or_path is None and cfg.model.from_scratch
@@ -55,12 +64,21 @@ def test_config_loads(name, arg, request):
       assert os.path.basename(cfg.model.tokenizer).startswith(f"{family}-tokenizer-")
       assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
       assert cfg.data.max_length >= max(cfg.data.max_source_length, cfg.data.max_target_length)
-    elif name not in ("clm",) + SEQ2SEQ:
+    elif name not in ("clm", "sft") + SEQ2SEQ:
       assert cfg.model.name_or_path.endswith("model")
   if "model=" in arg:
     assert cfg.model.name_or_path == "bert-base-cased"
+    if name == "sft" and "local" in arg:  # a checkpoint's own chat template
+      assert cfg.data.chat_template is None
   if "steps=10" in arg:
     assert cfg.train.steps == 10
+
+
+def test_unknown_family_is_named():
+  from flaxhf.errors import ConfigError
+  for name in ("clm", "sft"):
+    with pytest.raises(ConfigError, match="family='lama' is not one of"):
+      importlib.import_module(f"configs.{name}").get_config("local,family=lama")
 
 
 def test_locked_config_rejects_typos():

@@ -79,10 +79,12 @@ class CausalLM(Task):
     positions = config.max_position_embeddings
     block = int(self.cfg.data.block_size)
     if block > positions:
-      fix = (f"raise it with model.config_overrides='n_positions={block}'"
+      # The config's own key for it (GPT-2: n_positions).
+      name = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+      fix = (f"raise it with model.config_overrides='{name}={block}'"
              if self.cfg.model.from_scratch else "the checkpoint cannot see further back")
       raise ValueError(f"data.block_size={block} exceeds the model's {positions} positions "
-                       f"(n_positions): lower data.block_size to at most {positions}, or {fix}.")
+                       f"({name}): lower data.block_size to at most {positions}, or {fix}.")
     if self.cfg.model.from_scratch:  # generation stops at the tokenizer's EOS, not the config's
       for name in ("bos_token_id", "eos_token_id"):
         if getattr(self.tokenizer, name) is not None:
