@@ -88,6 +88,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.train.seed = 42
   c.train.log_every = 50
   c.train.eval_every = 0                       # 0: evaluate at the end only
+  c.train.eval_on_start = False                # also evaluate the model before the first step
   c.train.progress_bar = True
   # A non-finite loss or gradient norm: "abort" stops the run (exit 65, nothing saved after the
   # last good step); "skip" drops that update on device and stops after this many in a row.

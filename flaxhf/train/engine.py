@@ -498,6 +498,8 @@ class Trainer:
                                        buckets=self.buckets,
                                        group_by_length=cfg.data.group_by_length, **common)
     window, last_metrics = [], {}
+    if self.start_step == 0 and cfg.train.get("eval_on_start"):  # the untrained model's numbers
+      self._evaluate_and_log(logger, 0, self.inference_params())
     logger.reset_clock(self.start_step)
     for step in range(self.start_step + 1, total + 1):
       local = {k: v for k, v in next(batches).items() if k in keys}
@@ -532,21 +534,26 @@ class Trainer:
           self.ckpt.save(step, self._ckpt_state(), meta=self._meta(step), force=True)
         self.ckpt.wait_until_finished()  # synchronous: the machine may go any second now
         raise faults.Preempted(step, str(self.ckpt.directory))
-      infer = self.inference_params() if eval_due else None
-      eval_metrics = self.evaluate(infer) if eval_due else None
+      eval_metrics = self._evaluate_and_log(logger, step, self.inference_params()) if eval_due else None
       if eval_metrics:
-        logger.write("eval", step, eval_metrics)
         last_metrics = eval_metrics
-        # Every process generates (the params are sharded); only process 0's logger writes.
-        samples = self.task.samples(self.model, infer, self.data)
-        if samples:
-          logger.write("samples", step, {"samples": samples})
       if step == total or step % cfg.checkpoint.every_steps == 0 or eval_metrics:
         self.ckpt.save(step, self._ckpt_state(), meta=self._meta(step), metrics=eval_metrics or None,
                        force=True)
       if eval_due or step % cfg.checkpoint.every_steps == 0:
         logger.reset_clock(step)
     return last_metrics
+
+  def _evaluate_and_log(self, logger, step, params) -> dict:
+    """Eval metrics and sample generations of `params`, written to the run's logs at `step`."""
+    metrics = self.evaluate(params)
+    if metrics:
+      logger.write("eval", step, metrics)
+      # Every process generates (the params are sharded); only process 0's logger writes.
+      samples = self.task.samples(self.model, params, self.data)
+      if samples:
+        logger.write("samples", step, {"samples": samples})
+    return metrics
 
   def _meta(self, step):
     return {"step": int(step), "config": json.loads(self.cfg.to_json_best_effort()),

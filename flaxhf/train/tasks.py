@@ -128,6 +128,7 @@ TASKS = {"text_classification": TextClassification,
          "question_answering": "flaxhf.train.tasks_qa.QuestionAnswering",
          "masked_lm": "flaxhf.train.tasks_mlm.MaskedLM",
          "causal_lm": "flaxhf.train.tasks_clm.CausalLM",
+         "sft": "flaxhf.train.tasks_sft.SFT",
          "translation": "flaxhf.train.tasks_seq2seq.Translation",
          "summarization": "flaxhf.train.tasks_seq2seq.Summarization"}
 

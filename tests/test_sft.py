@@ -1,0 +1,193 @@
+"""Chat SFT: the assistant mask against transformers', packing equal to the conversations run alone
+(loss and gradients), bad rows and templates, and a CLI run from scratch on the instruction data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+import flaxhf
+from flaxhf.data import chat
+from flaxhf.data.sources import DataError
+from flaxhf.models.base import flatten
+from flaxhf.train import engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+     {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 + 3?"},
+     {"role": "assistant", "content": "6, of course."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
+    [{"role": "user", "content": "Say hello in French."}, {"role": "assistant", "content": "Bonjour !"}],
+]
+# The default template with the turn's closing newline inside the marked span: exactly what an
+# assistant turn adds after the generation prompt, so the prefix rule must find the same tokens.
+MARKED = chat.DEFAULT_TEMPLATE.replace(
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}",
+    "{% generation %}{{ message['content'] + eos_token + '\n' }}{% endgeneration %}")
+UNMARKED = MARKED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from flaxhf.data.clm import gpt2_tokenizer_dir
+  return transformers.AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+
+
+def test_assistant_mask_equals_transformers(tokenizer):
+  assert MARKED != chat.DEFAULT_TEMPLATE and "{% generation %}" not in UNMARKED
+  for template in (chat.DEFAULT_TEMPLATE, MARKED):
+    for messages in CONVERSATIONS:
+      want = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
+                                           return_dict=True, return_assistant_tokens_mask=True)
+      ids, mask = chat.render(tokenizer, messages, template)
+      np.testing.assert_array_equal(ids, want["input_ids"])
+      np.testing.assert_array_equal(mask, want["assistant_masks"])
+      assert 0 < mask.sum() < len(mask)
+      # The marked tokens decode to the assistant's words (and EOS), nothing of the user's.
+      text = tokenizer.decode(ids[mask > 0])
+      assert all(m["content"] in text for m in messages if m["role"] == "assistant")
+      assert not any(m["content"] in text for m in messages if m["role"] != "assistant")
+  # A template without marks: the prefix rule gives transformers' mask of the marked twin.
+  for messages in CONVERSATIONS:
+    want = tokenizer.apply_chat_template(messages, chat_template=MARKED, tokenize=True,
+                                         return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = chat.render(tokenizer, messages, UNMARKED)
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["assistant_masks"])
+
+
+def test_rows_pairs_packing_and_bad_input(tokenizer, caplog):
+  rows = [{"messages": m} for m in CONVERSATIONS] + [
+      {"messages": [{"role": "user", "content": "no reply"}]},
+      {"prompt": "The sky is", "completion": " blue."},
+      {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello."}]}]
+  with caplog.at_level("WARNING", logger="flaxhf"):
+    examples, kept = chat.tokenize_rows(tokenizer, rows, chat.DEFAULT_TEMPLATE, "train")
+  assert len(examples) == 5 and "skipped 1 of 6 conversations without an assistant turn" in caplog.text
+  ids, mask = examples[3]  # plain text: prompt, then completion + EOS under the mask
+  assert tokenizer.decode(ids[mask > 0]) == " blue.<|endoftext|>" and tokenizer.decode(ids[mask == 0]) == "The sky is"
+  np.testing.assert_array_equal(examples[4][0], chat.render(tokenizer, [
+      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], chat.DEFAULT_TEMPLATE)[0])
+
+  lengths = [len(i) for i, _ in examples]
+  block = lengths[0] + lengths[1] + 2
+  packed = chat.pack(examples, block, packing=True)
+  assert [len(r) for r in packed.seqs["input_ids"]][0] == lengths[0] + lengths[1]
+  np.testing.assert_array_equal(np.unique(packed.seqs["document_ids"][0]), [0, 1])
+  assert sum(len(r) for r in packed.seqs["input_ids"]) == sum(lengths)
+  for row_ids, row_labels in zip(packed.seqs["input_ids"], packed.seqs["labels"]):
+    assert all(len(r) <= block for r in packed.seqs["input_ids"])
+    assert ((row_labels == -100) | (row_labels == row_ids)).all()
+  unpacked = chat.pack(examples, block, packing=False)
+  assert len(unpacked) == 5 and all((d == 0).all() for d in unpacked.seqs["document_ids"])
+
+  with pytest.raises(DataError, match="has no conversation with an assistant turn"):
+    chat.tokenize_rows(tokenizer, rows[3:4], chat.DEFAULT_TEMPLATE, "validation")
+  with pytest.raises(DataError, match="needs `messages`.*has \\['text'\\]"):
+    chat.row_messages({"text": "hi"})
+  assert tokenizer.chat_template is None
+  with pytest.raises(DataError, match="no chat template.*data.chat_template"):
+    chat.chat_template(tokenizer, {"chat_template": None})
+  assert chat.chat_template(tokenizer, {"chat_template": "default"}) == chat.DEFAULT_TEMPLATE
+
+
+def _sft_task():
+  from configs.sft import get_config
+  from flaxhf.train.tasks_sft import SFT
+  return SFT(get_config("local,smoke"))
+
+
+def _loss_sum(model, task, params, batch):
+  batch = task.device_transform({k: jnp.asarray(v) for k, v in batch.items()}, None, train=False)
+  out = model.module.apply({"params": params}, **engine.module_inputs(model, batch))
+  return task.loss(out, batch)
+
+
+def test_packed_loss_and_gradients_equal_the_conversations_alone(tokenizer):
+  """One packed row of three conversations == the three as rows of their own (sums, 1e-6)."""
+  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, pad_token_id=tokenizer.eos_token_id)
+  model = flaxhf.FlaxLlamaForCausalLM(config, seed=0)
+  task = _sft_task()
+  examples = [chat.render(tokenizer, m, chat.DEFAULT_TEMPLATE) for m in CONVERSATIONS]
+  total = sum(len(i) for i, _ in examples)
+
+  def batch_of(packed):
+    width = max(len(r) for r in packed.seqs["input_ids"])
+    pads = {"input_ids": tokenizer.eos_token_id, "labels": -100, "document_ids": -1}
+    out = {k: np.stack([np.pad(r, (0, width - len(r)), constant_values=pads[k]) for r in v])
+           for k, v in packed.seqs.items()}
+    out["attention_mask"] = (out["document_ids"] >= 0).astype(np.int32)
+    return out
+
+  packed = batch_of(chat.pack(examples, total, packing=True))
+  alone = batch_of(chat.pack(examples, total, packing=False))
+  assert packed["input_ids"].shape == (1, total) and alone["input_ids"].shape[0] == 3
+
+  def loss_sum(params, batch):
+    return _loss_sum(model, task, params, batch)[0]
+
+  assert int(_loss_sum(model, task, model.params, packed)[1]) == int(
+      _loss_sum(model, task, model.params, alone)[1]) == sum(int(m[1:].sum()) for _, m in examples)
+  loss_packed, grad_packed = jax.value_and_grad(loss_sum)(model.params, packed)
+  loss_alone, grad_alone = jax.value_and_grad(loss_sum)(model.params, alone)
+  assert float(loss_packed) > 100.0  # an untrained model over many assistant tokens
+  np.testing.assert_allclose(float(loss_packed), float(loss_alone), rtol=1e-6)
+  for k, g in flatten(grad_packed).items():
+    np.testing.assert_allclose(np.asarray(g), np.asarray(flatten(grad_alone)[k]), rtol=1e-5,
+                               atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path):
+  """configs/sft.py:local (tiny) through the CLI on GPTeacher: the assistant-token loss falls well
+  below the untrained model's (the same run's step-0 eval), replies are logged, and PyTorch
+  generates the same from the export."""
+  workdir = tmp_path / "run"
+  overrides = {"model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
+                                          "num_attention_heads=4,num_key_value_heads=2,"
+                                          "max_position_embeddings=128"),
+               "data.max_length": 128, "data.max_train_samples": 2000, "data.max_eval_samples": 32,
+               "train.steps": 150, "train.batch_size": 8, "train.eval_batch_size": 16,
+               "train.learning_rate": 3e-3, "train.eval_every": 0, "train.eval_on_start": True,
+               "train.log_every": 25,
+               "train.progress_bar": False, "checkpoint.every_steps": 1000, "eval.num_samples": 2,
+               "eval.max_new_tokens": 12, "mesh.data": 1}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  proc = subprocess.run(
+      [sys.executable, "launch/run.py", "--config", f"configs/sft.py:local,family={family}",
+       "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  trained = json.loads((workdir / "eval_results.json").read_text())
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  untrained = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)  # eval_on_start
+  print(f"SFT {family}: untrained {untrained}, trained {trained}")
+  assert untrained["tokens"] == trained["tokens"] > 1000
+  assert trained["loss"] < untrained["loss"] - 3.0, (untrained, trained)
+  samples = [r for r in records if r["kind"] == "samples"][-1]["samples"]
+  assert len(samples) == 2 and all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
+  # PyTorch greedy on the export continues the first held-out prompt as flaxhf does.
+  import torch
+  tok = transformers.AutoTokenizer.from_pretrained(workdir / "export")
+  with open(data_dir / "instruction" / "gpteacher" / "test.jsonl") as f:
+    first = json.loads(f.readline())["messages"]
+  prompt = chat.generation_prompt(tok, first, chat.DEFAULT_TEMPLATE)[None]
+  assert samples[0]["prompt"] == tok.decode(prompt[0])
+  pt = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export").eval()
+  with torch.no_grad():
+    want = pt.generate(torch.as_tensor(prompt, dtype=torch.long), do_sample=False, max_new_tokens=12,
+                       pad_token_id=tok.eos_token_id).numpy()
+  ours = flaxhf.FlaxAutoModelForCausalLM.from_pretrained(str(workdir / "export"))
+  got = ours.generate(prompt, do_sample=False, max_new_tokens=12,
+                      pad_token_id=tok.eos_token_id).sequences
+  np.testing.assert_array_equal(np.asarray(got), want)
