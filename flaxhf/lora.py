@@ -34,8 +34,11 @@ PEFT_PREFIX = "base_model.model."
 PEFT_DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
     "bert": ["query", "value"], "roberta": ["query", "value"], "electra": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
 }
+# phi3 has no peft default (its attention is one fused qkv_proj): it asks for target_modules.
 # Types peft has no default for (it asks for target_modules): the same query/value choice. The
 # exported adapter_config.json always lists the targets, so peft loads these too.
 FLAXHF_DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "albert": ["query", "value"],

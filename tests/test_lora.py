@@ -43,7 +43,7 @@ def _seq2seq_inputs(batch=2, src=9, tgt=6, seed=0):
 
 # family -> (PyTorch model, flaxhf class, LoraConfig kwargs, inputs). One per export path: GPT-2's
 # Conv1D (fan_in_fan_out) with rsLoRA, BERT's classifier as modules_to_save, BART with a regex
-# target, T5 with peft's default q/v.
+# target, T5 with peft's default q/v, Llama's GQA projections and MLP.
 FAMILIES = {
     "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
@@ -58,6 +58,13 @@ FAMILIES = {
              dict(target_modules=r".*decoder\.layers\.\d+\.(self_attn\.q_proj|fc1)"), _seq2seq_inputs),
     "t5": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**_T5)),
            flaxhf.FlaxT5ForConditionalGeneration, {}, _seq2seq_inputs),
+    # Grouped-query attention (k_proj/v_proj narrower than q_proj) and every linear a target.
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)),
+        flaxhf.FlaxLlamaForCausalLM, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"]),
+        lambda: make_inputs("gpt2", "causal_lm")),
 }
 
 
