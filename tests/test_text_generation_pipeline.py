@@ -141,10 +141,8 @@ def test_errors(pipes, folder):
   head = flaxhf.FlaxGPT2ForSequenceClassification(fp.model.config)
   with pytest.raises(ValueError, match="causal_lm head.*FlaxGPT2ForSequenceClassification"):
     flaxhf.pipeline("text-generation", model=head, tokenizer=fp.tokenizer)
-  chat = [{"role": "user", "content": "Hi"}]
-  for inputs in (chat, [chat, chat]):
-    with pytest.raises(ValueError, match="Chat input.*apply_chat_template"):
-      fp(inputs, **GREEDY)
+  with pytest.raises(ValueError, match="Chat input needs a tokenizer with a chat template"):
+    fp([{"role": "user", "content": "Hi"}], **GREEDY)
   with pytest.raises(ValueError, match="str or a non-empty list"):
     fp([PROMPTS[0], 3])
   with pytest.raises(ValueError, match="has no tokens"):
@@ -159,3 +157,27 @@ def test_errors(pipes, folder):
     fp(PROMPTS[0], num_beams=2, num_return_sequences=3, max_new_tokens=NEW)
   with pytest.raises(ValueError, match="positions"):  # generate's own check, through the pipeline
     fp(PROMPTS[0], max_new_tokens=60)
+
+
+CHATS = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+         [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "It is"}]]
+
+
+@pytest.mark.parametrize("case", ["one_chat", "chats", "new_text", "continue_false"])
+def test_chat_input_equals_transformers(case, folder):
+  """Conversations through the tokenizer's chat template; a last assistant message is continued."""
+  from flaxhf.data.chat import DEFAULT_TEMPLATE
+  path, pt = folder
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  tok.chat_template = DEFAULT_TEMPLATE
+  tok.pad_token = tok.eos_token
+  fp = flaxhf.pipeline("text-generation", model=path, tokenizer=tok)
+  tp = transformers.pipeline("text-generation", model=pt, tokenizer=tok)
+  inputs, kwargs = {"one_chat": (CHATS[0], {}), "chats": (CHATS, {}),
+                    "new_text": (CHATS, dict(return_full_text=False)),
+                    "continue_false": (CHATS[1], dict(continue_final_message=False))}[case]
+  want = tp(inputs, **GREEDY, **kwargs)
+  got = fp(inputs, **GREEDY, **kwargs)
+  assert got == want
+  if case == "one_chat":  # a new assistant message after the conversation
+    assert got[0]["generated_text"][:-1] == CHATS[0] and got[0]["generated_text"][-1]["role"] == "assistant"

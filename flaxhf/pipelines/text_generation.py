@@ -27,8 +27,6 @@ GENERATION_KEYS = frozenset(k for k in vars(GenerationConfig()) if not k.startsw
 _NOT_SUPPORTED = {
     "stop_sequence": "stop strings are not compiled into the decode loop; pass eos_token_id=[ids]",
     "handle_long_generation": "truncate the prompt yourself (truncation=True, max_length=...)",
-    "continue_final_message": "chat input is not supported",
-    "tools": "chat input is not supported", "documents": "chat input is not supported",
     "assistant_model": "assisted generation is not supported",
     "assistant_tokenizer": "assisted generation is not supported",
     "padding": "prompts are always left-padded per batch", "num_workers": "there are no workers",
@@ -77,7 +75,8 @@ class TextGenerationPipeline(Pipeline):
   _not_supported = _NOT_SUPPORTED  # argument -> why flaxhf does not take it
   defaults = dict(return_full_text=None, return_text=None, return_tensors=None, return_type=None,
                   clean_up_tokenization_spaces=None, skip_special_tokens=None, prefix=None,
-                  add_special_tokens=None, truncation=None, tokenizer_encode_kwargs=None)
+                  add_special_tokens=None, truncation=None, tokenizer_encode_kwargs=None,
+                  continue_final_message=None, tools=None, documents=None)
 
   def __init__(self, model, tokenizer, batch_size: int = 1, seed: int = 0, **kwargs):
     pipe, self.generate_kwargs = self._split(kwargs)
@@ -138,12 +137,13 @@ class TextGenerationPipeline(Pipeline):
     return kwargs
 
   def __call__(self, text_inputs, batch_size=None, **kwargs):
-    if _is_chat(text_inputs):
-      raise ValueError("Chat input (lists of {'role', 'content'} messages) is not supported by "
-                       "flaxhf's text-generation pipeline: pass the prompt text, e.g. "
-                       "tokenizer.apply_chat_template(messages, tokenize=False, "
-                       "add_generation_prompt=True).")
-    texts, single = as_list(text_inputs)
+    chats = None
+    if _is_chat(text_inputs):  # one conversation, or a list of them
+      single = isinstance(text_inputs, dict) or isinstance(text_inputs[0], dict)
+      chats = [list(text_inputs)] if single else [list(c) for c in text_inputs]
+      texts = chats
+    else:
+      texts, single = as_list(text_inputs)
     pipe, gen = self._split(kwargs)
     p = self.call_params(pipe)
     return_type = _return_type(pipe) or self._return_type or ReturnType.FULL_TEXT
@@ -154,7 +154,7 @@ class TextGenerationPipeline(Pipeline):
     prefix = p["prefix"] if p["prefix"] is not None else (getattr(self.model.config, "prefix", None)
                                                           or "")
     prefix_length = 0
-    if prefix:
+    if prefix and chats is None:
       prefix_length = len(self.tokenizer(prefix, padding=False,
                                          add_special_tokens=bool(p["add_special_tokens"]))["input_ids"])
     generate_kwargs = self.prepare_generate_kwargs(gen, prefix_length)
@@ -162,7 +162,10 @@ class TextGenerationPipeline(Pipeline):
                                     ("truncation", p["truncation"]),
                                     ("max_length", gen.get("max_length"))) if v is not None}
     tok_kwargs.update(p["tokenizer_encode_kwargs"] or {})
-    prompts = [self.tokenizer(prefix + text, **tok_kwargs)["input_ids"] for text in texts]
+    if chats is not None:
+      prompts = [self._chat_ids(c, p, tok_kwargs) for c in chats]
+    else:
+      prompts = [self.tokenizer(prefix + text, **tok_kwargs)["input_ids"] for text in texts]
     for text, ids in zip(texts, prompts):
       if not ids:
         raise ValueError(f"The prompt {text!r} has no tokens: give at least one token of text "
@@ -180,6 +183,21 @@ class TextGenerationPipeline(Pipeline):
       for text, rows in zip(texts[b:b + batch_size], sequences):
         results.append([self.postprocess(text, row, longest, return_type, p) for row in rows])
     return results[0] if single else results
+
+  def _chat_ids(self, messages, p, tok_kwargs):
+    """A conversation's prompt ids from the tokenizer's chat template, as transformers' pipeline
+    makes them: a generation prompt for a new assistant turn, or (when the last message is the
+    assistant's, or continue_final_message=True) that message continued."""
+    if not getattr(self.tokenizer, "chat_template", None):
+      raise ValueError("Chat input needs a tokenizer with a chat template; this one has none. Set "
+                       "tokenizer.chat_template = '...' (a Jinja template), or pass the prompt text.")
+    cont = p["continue_final_message"]
+    if cont is None:
+      cont = messages[-1]["role"] == "assistant"
+    kwargs = {k: v for k, v in tok_kwargs.items() if k != "add_special_tokens"}
+    return list(self.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=not cont, continue_final_message=cont, return_dict=True,
+        tools=p["tools"], documents=p["documents"], **kwargs)["input_ids"])
 
   def generate_batch(self, prompts, batch_size, rng, generate_kwargs):
     """[prompts, num_return_sequences, length] token ids: the prompts left-padded, then generated."""
@@ -207,4 +225,16 @@ class TextGenerationPipeline(Pipeline):
     skip = p["skip_special_tokens"] if p["skip_special_tokens"] is not None else True
     text = self.tokenizer.decode(sequence[prompt_length:].tolist(), skip_special_tokens=skip,
                                  clean_up_tokenization_spaces=p["clean_up_tokenization_spaces"])
-    return {"generated_text": prompt_text + text if return_type == ReturnType.FULL_TEXT else text}
+    if return_type != ReturnType.FULL_TEXT:
+      return {"generated_text": text}
+    if isinstance(prompt_text, str):
+      return {"generated_text": prompt_text + text}
+    # A conversation: the reply as a new assistant message, or appended to the prefilled one.
+    cont = p["continue_final_message"]
+    if cont is None:
+      cont = prompt_text[-1]["role"] == "assistant"
+    if cont:
+      last = prompt_text[-1]
+      return {"generated_text": prompt_text[:-1] + [{"role": last["role"],
+                                                       "content": last["content"] + text}]}
+    return {"generated_text": prompt_text + [{"role": "assistant", "content": text}]}
