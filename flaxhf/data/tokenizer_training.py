@@ -53,6 +53,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, family: str = "t5", voca
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       unk_token=layout["unk"], show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok = _canonical_unigram(tok, len(specials))
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {layout['eos']}", pair=f"$A {layout['eos']} $B {layout['eos']}",
         special_tokens=[(layout["eos"], specials.index(layout["eos"]))])
@@ -74,6 +75,30 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, family: str = "t5", voca
   os.makedirs(out_dir, exist_ok=True)
   fast.save_pretrained(out_dir)
   return fast
+
+
+def _canonical_unigram(tok, num_special: int, tie: float = 1.5e-4):
+  """The same tokenizer from the same texts every time. The Unigram trainer breaks score ties in
+  hash order (the characters it appends get min_score - k * 1e-4 in whatever order they come), so
+  token ids changed between runs; within each such chain of tied scores the pieces are put in
+  sorted order, each taking the chain's scores from the highest down."""
+  from tokenizers import Tokenizer
+  state = json.loads(tok.to_str())
+  vocab = state["model"]["vocab"]
+  head, rest = vocab[:num_special], sorted(vocab[num_special:], key=lambda ps: -ps[1])
+  out, i = [], 0
+  while i < len(rest):
+    j = i + 1
+    while j < len(rest) and rest[j - 1][1] - rest[j][1] <= tie:
+      j += 1
+    chain = rest[i:j]
+    out += [[piece, score] for (piece, _), (_, score) in zip(sorted(chain), chain)]
+    i = j
+  state["model"]["vocab"] = head + out
+  if state["model"].get("unk_id") is not None:
+    unk = vocab[state["model"]["unk_id"]][0]
+    state["model"]["unk_id"] = [p for p, _ in head + out].index(unk)
+  return Tokenizer.from_str(json.dumps(state))
 
 
 def read_lines(path: str, skip_rows: int = 0, max_rows: Optional[int] = None) -> List[str]:
