@@ -30,6 +30,12 @@ from flaxhf.models.distilbert import (
     FlaxDistilBertForMaskedLM, FlaxDistilBertForMultipleChoice, FlaxDistilBertForQuestionAnswering,
     FlaxDistilBertForSequenceClassification, FlaxDistilBertForTokenClassification,
     FlaxDistilBertModel, FlaxDistilBertPreTrainedModel)
+from flaxhf.models.gemma import (
+    FlaxGemma2ForCausalLM, FlaxGemma2ForSequenceClassification, FlaxGemma2ForTokenClassification,
+    FlaxGemma2Model, FlaxGemma2PreTrainedModel, FlaxGemma3ForCausalLM,
+    FlaxGemma3TextForSequenceClassification, FlaxGemma3TextModel, FlaxGemma3TextPreTrainedModel,
+    FlaxGemmaForCausalLM, FlaxGemmaForSequenceClassification, FlaxGemmaForTokenClassification,
+    FlaxGemmaModel, FlaxGemmaPreTrainedModel)
 from flaxhf.models.gpt2 import (
     FlaxGPT2ForQuestionAnswering, FlaxGPT2ForSequenceClassification, FlaxGPT2ForTokenClassification,
     FlaxGPT2LMHeadModel, FlaxGPT2Model, FlaxGPT2PreTrainedModel)
@@ -38,6 +44,8 @@ from flaxhf.models.llama import (
     FlaxLlamaForTokenClassification, FlaxLlamaModel, FlaxLlamaPreTrainedModel,
     FlaxMistralForCausalLM, FlaxMistralForQuestionAnswering, FlaxMistralForSequenceClassification,
     FlaxMistralForTokenClassification, FlaxMistralModel, FlaxMistralPreTrainedModel,
+    FlaxPhi3ForCausalLM, FlaxPhi3ForSequenceClassification, FlaxPhi3ForTokenClassification,
+    FlaxPhi3Model, FlaxPhi3PreTrainedModel,
     FlaxQwen2ForCausalLM, FlaxQwen2ForQuestionAnswering, FlaxQwen2ForSequenceClassification,
     FlaxQwen2ForTokenClassification, FlaxQwen2Model, FlaxQwen2PreTrainedModel,
     FlaxQwen3ForCausalLM, FlaxQwen3ForQuestionAnswering, FlaxQwen3ForSequenceClassification,

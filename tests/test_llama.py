@@ -1,10 +1,12 @@
-"""Llama, Mistral, Qwen2, Qwen3: parity with transformers both ways, every head, rope types, generate.
+"""The rotary decoder families (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3): parity with transformers
+both ways, every head, rope types, generate.
 
 One table row per family, each switching its features on; a new family joins by adding a row.
 """
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,14 @@ ROPE = {
                      long_factor=[2.0 + i / 5 for i in range(8)]),
 }
 WINDOW = 5  # shorter than the test sequences and the generated ones
+GEMMA = dict(head_dim=24, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=2.0,
+             query_pre_attn_scalar=20, sliding_window=WINDOW, num_hidden_layers=3,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+# Phi-3 rotates half of each head: 4 frequencies. Generation stays below original_max (transformers
+# recomputes the whole cache with the long factors on crossing it; test_phi3_longrope crosses it).
+PHI3_ROPE = dict(rope_type="longrope", rope_theta=1000.0, partial_rotary_factor=0.5,
+                 original_max_position_embeddings=32, short_factor=[1.0, 1.1, 1.3, 1.6],
+                 long_factor=[2.0, 2.5, 3.0, 4.0])
 # family -> every feature on: GQA, a scaled rope, biases, head_dim != hidden / heads, (un)tied
 # embeddings, sliding windows (Qwen: on the layers from max_window_layers on), Qwen3's q/k norm.
 FAMILIES = {
@@ -46,6 +56,20 @@ FAMILIES = {
     "qwen3": lambda **kw: transformers.Qwen3Config(**{**BASE, **dict(
         head_dim=32, attention_bias=True, use_sliding_window=True, max_window_layers=1,
         sliding_window=WINDOW, tie_word_embeddings=False, rope_parameters=ROPE["linear"]), **kw}),
+    "phi3": lambda **kw: transformers.Phi3Config(**{**BASE, **dict(
+        sliding_window=WINDOW, resid_pdrop=0.1, original_max_position_embeddings=32,
+        tie_word_embeddings=False, rope_parameters=PHI3_ROPE), **kw}),
+    "gemma": lambda **kw: transformers.GemmaConfig(**{**BASE, **dict(
+        head_dim=24, hidden_act="gelu_pytorch_tanh", attention_bias=True,
+        rope_parameters=ROPE["llama3"]), **kw}),
+    # Gemma 2 runs eager attention in transformers (no SDPA): padded queries average every value.
+    # The attention cap is small, as this tiny random model's attention logits are.
+    "gemma2": lambda **kw: transformers.Gemma2Config(**{**BASE, **GEMMA, **dict(
+        attn_logit_softcapping=0.05, max_position_embeddings=8, rope_parameters=ROPE["dynamic"]), **kw}),
+    "gemma3": lambda **kw: transformers.Gemma3TextConfig(**{**BASE, **GEMMA, **dict(
+        head_dim=32, rope_parameters={"full_attention": ROPE["linear"],
+                                      "sliding_attention": dict(rope_type="default", rope_theta=100.0)}),
+        **kw}),
 }
 TORCH_HEADS = {"causal_lm": "AutoModelForCausalLM", None: "AutoModel",
                "sequence_classification": "AutoModelForSequenceClassification",
@@ -126,7 +150,10 @@ def test_causal_lm_roundtrip(family, tmp_path):
 
 # Every other head, each on another family (they share one head module per task).
 HEAD_CASES = [(None, "mistral"), ("sequence_classification", "llama"),
-              ("token_classification", "qwen3"), ("question_answering", "qwen2")]
+              ("token_classification", "qwen3"), ("question_answering", "qwen2"),
+              (None, "gemma2"), ("sequence_classification", "gemma3"),
+              ("token_classification", "gemma"), ("sequence_classification", "phi3"),
+              ("token_classification", "phi3")]
 
 
 @pytest.mark.parametrize("task,family", HEAD_CASES, ids=[f"{t}-{f}" for t, f in HEAD_CASES])
@@ -167,10 +194,19 @@ def test_other_rope_types_forward(kind, tmp_path):
   roundtrip(pt, "causal_lm", tmp_path, {"input_ids": ids, "attention_mask": mask})
 
 
+def test_phi3_longrope_past_original_max(tmp_path):
+  """Phi-3's longrope (partial rotary, attention factor from max / original max positions) on a
+  forward that outgrows original_max_position_embeddings, so the long factors apply."""
+  pt = torch_model("phi3", original_max_position_embeddings=8,
+                   rope_parameters={**PHI3_ROPE, "original_max_position_embeddings": 8})
+  ids, mask = left_padded((11, 5), 11, seed=2)
+  roundtrip(pt, "causal_lm", tmp_path, {"input_ids": ids, "attention_mask": mask})
+
+
 @functools.lru_cache
 def flax_lm(family):
   pt = torch_model(family)
-  model = REGISTRY["causal_lm"][family](pt.config, _do_init=False)
+  model = REGISTRY["causal_lm"][pt.config.model_type](pt.config, _do_init=False)
   model.params = model._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
   return model
 
@@ -189,22 +225,28 @@ def test_generate_equals_transformers(family, num_beams):
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
-def test_auto_classes_and_mappings():
-  for family, arch in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"),
-                       ("qwen3", "Qwen3")):
-    config_class = type(FAMILIES[family]())
-    for task, suffix, mapping in (
-        ("causal_lm", "ForCausalLM", flaxhf.FLAX_MODEL_FOR_CAUSAL_LM_MAPPING),
-        (None, "Model", flaxhf.FLAX_MODEL_MAPPING),
-        ("sequence_classification", "ForSequenceClassification",
-         flaxhf.FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING),
-        ("token_classification", "ForTokenClassification",
-         flaxhf.FLAX_MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING),
-        ("question_answering", "ForQuestionAnswering",
-         flaxhf.FLAX_MODEL_FOR_QUESTION_ANSWERING_MAPPING)):
-      cls = getattr(flaxhf, f"Flax{arch}{suffix}")
-      assert mapping[config_class] is cls and REGISTRY[task][family] is cls
-      assert cls.torch_architecture == f"{arch}{suffix}" and hasattr(transformers, cls.torch_architecture)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_classes_and_mappings(family):
+  """Each family has exactly the heads transformers' auto classes have for its model_type, exported
+  from flaxhf and registered under its config class, each exporting to its PyTorch twin."""
+  from transformers.models.auto import modeling_auto as torch_auto
+  config_class = type(FAMILIES[family]())
+  model_type = config_class.model_type
+  for task, mapping, torch_names in (
+      ("causal_lm", flaxhf.FLAX_MODEL_FOR_CAUSAL_LM_MAPPING, torch_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+      (None, flaxhf.FLAX_MODEL_MAPPING, torch_auto.MODEL_MAPPING_NAMES),
+      ("sequence_classification", flaxhf.FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+       torch_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+      ("token_classification", flaxhf.FLAX_MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING,
+       torch_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+      ("question_answering", flaxhf.FLAX_MODEL_FOR_QUESTION_ANSWERING_MAPPING,
+       torch_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES)):
+    cls = REGISTRY.get(task, {}).get(model_type)
+    assert (cls is not None) == (model_type in torch_names), (task, model_type)
+    if cls is None:
+      continue
+    assert mapping[config_class] is cls and getattr(flaxhf, cls.__name__) is cls
+    assert cls.torch_architecture == torch_names[model_type] == cls.__name__[len("Flax"):]
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -221,6 +263,26 @@ def test_unsupported_config_switches_are_named(overrides, match):
     flaxhf.FlaxLlamaForCausalLM(config, _do_init=False)
 
 
+@pytest.mark.parametrize("family,overrides,match", [
+    ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True is not"),
+    ("gemma2", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "partial_rotary_factor=0.5 is not supported by flaxhf's gemma2"),
+    ("gemma3", dict(rope_parameters={"full_attention": dict(rope_type="su", rope_theta=1e4),
+                                     "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+     "rope_type 'su'.*not supported"),
+    ("gemma3", dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e4)}),
+     "rope_parameters has no entry for layer type 'sliding_attention'"),
+    ("gemma2", dict(hidden_activation="swiglu_unknown"), "Unsupported activation 'swiglu_unknown'"),
+    ("phi3", dict(rope_parameters=dict(rope_type="su", rope_theta=1e4)), "rope_type 'su'.*not supported"),
+])
+def test_unsupported_switches_of_other_families(family, overrides, match):
+  config = FAMILIES[family]()
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  with pytest.raises(ValueError, match=match):
+    REGISTRY["causal_lm"][config.model_type](config, _do_init=False)
+
+
 def test_unknown_layer_type_is_named():
   config = FAMILIES["qwen2"]()
   config.layer_types = ["full_attention", "chunked_attention", "sliding_attention"]
@@ -228,14 +290,26 @@ def test_unknown_layer_type_is_named():
     flaxhf.FlaxQwen2Model(config, _do_init=False)
 
 
-def test_scan_and_remat_equal_the_layer_loop():
-  """Scanned, rematerialised layers (Qwen2: the sliding window differs by layer, so the scanned
-  layer looks its window up by the traced layer index) give the loop's logits."""
-  pt = torch_model("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_scan_and_remat_equal_the_layer_loop(family):
+  """Scanned, rematerialised layers (the sliding window, and Gemma 3's rope, differ by layer, so
+  the scanned layer looks them up by the traced layer index) give the loop's logits."""
+  pt = torch_model(family)
   ids, mask = left_padded((9, 4), 9, seed=4)
-  want = np.asarray(flax_lm("qwen2")(ids, attention_mask=mask).logits)
-  scanned = flaxhf.FlaxQwen2ForCausalLM(pt.config, _do_init=False, scan_layers=True,
-                                        remat="nothing_saveable")
+  want = np.asarray(flax_lm(family)(ids, attention_mask=mask).logits)
+  scanned = REGISTRY["causal_lm"][pt.config.model_type](pt.config, _do_init=False, scan_layers=True,
+                                                        remat="nothing_saveable")
   scanned.params = scanned._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
   assert flatten(scanned.params)["model.layers.mlp.up_proj.weight"].shape[0] == 3
   np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=mask).logits), want, atol=1e-5)
+
+
+def test_phi3_residual_dropout_is_live_in_training():
+  """resid_pdrop (the only dropout of the Phi-3 row) drops the attention and MLP outputs when
+  training, reproducibly per rng, and never at eval."""
+  model, (ids, mask) = flax_lm("phi3"), left_padded((9, 4), 9, seed=5)
+  evaluated = np.asarray(model(ids, attention_mask=mask).logits)
+  trained = [np.asarray(model(ids, attention_mask=mask, train=True,
+                              dropout_rng=jax.random.key(s)).logits) for s in (0, 0, 1)]
+  np.testing.assert_array_equal(trained[0], trained[1])
+  assert not np.allclose(trained[0], evaluated) and not np.allclose(trained[0], trained[2])

@@ -130,9 +130,19 @@ def cache_kv(module: nn.Module, k_BxTxKxD, v_BxTxKxD, init_cache: bool):
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
-def rope_parameters(config) -> dict:
-  """The config's rope settings as transformers 5 standardises them (`rope_type`, `rope_theta`, ...)."""
+def rope_parameters(config, layer_type=None) -> dict:
+  """The config's rope settings as transformers 5 standardises them (`rope_type`, `rope_theta`, ...).
+
+  `layer_type` picks one entry of a per-layer-type config (Gemma 3: "full_attention",
+  "sliding_attention"). Families that rotate the whole head check `partial_rotary_factor` with
+  check_whole_head_rotary.
+  """
   params = dict(getattr(config, "rope_parameters", None) or {})
+  if layer_type is not None:
+    if layer_type not in params:
+      raise ValueError(f"rope_parameters has no entry for layer type {layer_type!r}; it has "
+                       f"{sorted(params)}.")
+    params = dict(params[layer_type] or {})
   if not params:  # a transformers 4 config: rope_theta beside rope_scaling
     params = dict(getattr(config, "rope_scaling", None) or {})
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -140,10 +150,15 @@ def rope_parameters(config) -> dict:
   if params["rope_type"] not in ROPE_TYPES:
     raise ValueError(f"rope_type {params['rope_type']!r} (in the config's rope_parameters / "
                      f"rope_scaling) is not supported by flaxhf; supported: {list(ROPE_TYPES)}.")
-  if params.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported by "
-                     "flaxhf's rotary embeddings (this family rotates the whole head).")
   return params
+
+
+def check_whole_head_rotary(config, layer_type=None):
+  """Raises unless the config rotates every feature of a head (partial_rotary_factor 1)."""
+  factor = rope_parameters(config, layer_type).get("partial_rotary_factor", 1.0)
+  if factor != 1.0:
+    raise ValueError(f"partial_rotary_factor={factor} is not supported by flaxhf's "
+                     f"{config.model_type} (this family rotates the whole head).")
 
 
 def rope_head_dim(config) -> int:
@@ -155,13 +170,15 @@ def _inv_freq(base, dim, xp=np):
   return (1.0 / (base ** exponent)).astype(xp.float32)
 
 
-def rope_frequencies(config, seq_len=None):
-  """(inv_freq [D/2] float32, attention_factor): transformers' ROPE_INIT_FUNCTIONS in numpy.
+def rope_frequencies(config, seq_len=None, layer_type=None):
+  """(inv_freq [R/2] float32, attention_factor): transformers' ROPE_INIT_FUNCTIONS in numpy.
 
   `seq_len` is max(position_ids) + 1 of a forward; only `dynamic` and `longrope` read it, and they
-  take a traced jax scalar as well (their frequencies change with the sequence's length).
+  take a traced jax scalar as well (their frequencies change with the sequence's length). R, the
+  rotated features of a head, is head_dim * partial_rotary_factor.
   """
-  p, dim = rope_parameters(config), rope_head_dim(config)
+  p = rope_parameters(config, layer_type)
+  dim = int(rope_head_dim(config) * p.get("partial_rotary_factor", 1.0))
   kind, base = p["rope_type"], p["rope_theta"]
   if kind == "default":
     return _inv_freq(base, dim), 1.0
@@ -220,19 +237,22 @@ def rope_frequencies(config, seq_len=None):
   return jnp.where(jnp.asarray(seq_len) > original_max, long, short).astype(jnp.float32), attention_factor
 
 
-def rotary_cos_sin(config, position_ids_BxT, dtype):
-  """(cos, sin) [B, T, D] of each position, as transformers' rotary embedding gives them."""
+def rotary_cos_sin(config, position_ids_BxT, dtype, layer_type=None):
+  """(cos, sin) [B, T, R] of each position, as transformers' rotary embedding gives them."""
   seq_len = jnp.max(position_ids_BxT) + 1
-  inv_freq, attention_factor = rope_frequencies(config, seq_len)
+  inv_freq, attention_factor = rope_frequencies(config, seq_len, layer_type)
   freqs_BxTxH = position_ids_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
   emb = jnp.concatenate([freqs_BxTxH, freqs_BxTxH], axis=-1)
   return ((jnp.cos(emb) * attention_factor).astype(dtype), (jnp.sin(emb) * attention_factor).astype(dtype))
 
 
-def apply_rotary(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
-  half = x_BxTxHxD.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
-  return x_BxTxHxD * cos_BxTxD[:, :, None] + rotated * sin_BxTxD[:, :, None]
+def apply_rotary(x_BxTxHxD, cos_BxTxR, sin_BxTxR):
+  """Rotates the first R features of each head (all of them unless partial_rotary_factor < 1)."""
+  r = cos_BxTxR.shape[-1]
+  x_rot, x_pass = x_BxTxHxD[..., :r], x_BxTxHxD[..., r:]
+  rotated = jnp.concatenate([-x_rot[..., r // 2:], x_rot[..., :r // 2]], axis=-1)
+  y = x_rot * cos_BxTxR[:, :, None] + rotated * sin_BxTxR[:, :, None]
+  return y if r == x_BxTxHxD.shape[-1] else jnp.concatenate([y, x_pass], axis=-1)
 
 
 # ---- grouped-query attention ----------------------------------------------------------------------
@@ -245,6 +265,11 @@ class GQAttention(nn.Module):
   o_bias: bool = False
   qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before the rotation
   dtype: jnp.dtype = jnp.float32
+  unit_offset_norm: bool = False  # Gemma 3: the q/k norms scale by 1 + weight
+  fused_qkv: bool = False  # Phi-3: one `qkv_proj` makes q, k and v (in that order)
+  scale: Optional[float] = None  # of the logits; default head_dim ** -0.5
+  softcap: Optional[float] = None  # Gemma 2's attn_logit_softcapping
+  zero_unseen: bool = True  # see layers.dot_product_attention (False: transformers' eager rule)
 
   @nn.compact
   def __call__(self, x_BxTxE, attention_mask, cos_sin, sliding_window, deterministic,
@@ -253,22 +278,30 @@ class GQAttention(nn.Module):
     b, t, _ = x_BxTxE.shape
     dim = rope_head_dim(c)
 
-    def proj(name, num_heads):
-      y = Linear(num_heads * dim, ("heads", "embed"), c.initializer_range, use_bias=self.qkv_bias,
-                 dtype=d, name=name)(x_BxTxE)
-      y = y.reshape(b, t, num_heads, dim)
-      if self.qk_norm and name != "v_proj":
-        y = RMSNorm(c.rms_norm_eps, axis_name="kv", dtype=d, name=name[0] + "_norm")(y)
-      return y
+    heads = {"q": c.num_attention_heads, "k": c.num_key_value_heads, "v": c.num_key_value_heads}
 
-    q = constrain(proj("q_proj", c.num_attention_heads), ("batch", "seq", "heads", "kv"))
-    k, v = proj("k_proj", c.num_key_value_heads), proj("v_proj", c.num_key_value_heads)
+    def linear(name, features):
+      return Linear(features, ("heads", "embed"), c.initializer_range, use_bias=self.qkv_bias,
+                    dtype=d, name=name)(x_BxTxE)
+
+    if self.fused_qkv:
+      qkv = linear("qkv_proj", sum(heads.values()) * dim)
+      ends = [heads["q"] * dim, (heads["q"] + heads["k"]) * dim]
+      flat = dict(zip("qkv", jnp.split(qkv, ends, axis=-1)))
+    else:
+      flat = {n: linear(f"{n}_proj", h * dim) for n, h in heads.items()}
+    q, k, v = (flat[n].reshape(b, t, heads[n], dim) for n in "qkv")
+    if self.qk_norm:
+      q, k = (RMSNorm(c.rms_norm_eps, axis_name="kv", dtype=d, unit_offset=self.unit_offset_norm,
+                      name=f"{n}_norm")(y) for n, y in (("q", q), ("k", k)))
+    q = constrain(q, ("batch", "seq", "heads", "kv"))
     q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
     k, v, first_slot = cache_kv(self, k, v, init_cache)
     bias = attention_bias(decoder_mask(attention_mask, first_slot, t, sliding_window), d)
     ctx, probs = dot_product_attention(q, k, v, bias, dropout_rate=c.attention_dropout,
                                        deterministic=deterministic, module=self, dtype=d,
-                                       scale=dim ** -0.5)
+                                       scale=dim ** -0.5 if self.scale is None else self.scale,
+                                       softcap=self.softcap, zero_unseen=self.zero_unseen)
     out = Linear(c.hidden_size, ("embed", "heads"), c.initializer_range, use_bias=self.o_bias,
                  dtype=d, name="o_proj")(ctx.reshape(b, t, -1))
     return out, (probs if output_attentions else None)
@@ -349,7 +382,8 @@ class DecoderHead(heads.Head):
 
 
 class CausalLM(DecoderHead):
-  """`XForCausalLM` / `GPT2LMHeadModel`: logits from the tied embedding, or an untied `lm_head`."""
+  """`XForCausalLM` / `GPT2LMHeadModel`: logits from the tied embedding, or an untied `lm_head`;
+  a config's `final_logit_softcapping` c (Gemma 2) bounds them to c * tanh(logits / c)."""
 
   task = "causal_lm"
   output_class = O.CausalLMOutput
@@ -361,8 +395,11 @@ class CausalLM(DecoderHead):
       for name in self.embedding_path():
         table = table[name]
       table_VxE = nn.meta.unbox(table["weight"])
-      return {"logits": jnp.einsum("...e,ve->...v", x, table_VxE.astype(self.dtype))}
-    return {"logits": self.linear(c.vocab_size, "lm_head", ("vocab", "embed"), use_bias=False)(x)}
+      logits = jnp.einsum("...e,ve->...v", x, table_VxE.astype(self.dtype))
+    else:
+      logits = self.linear(c.vocab_size, "lm_head", ("vocab", "embed"), use_bias=False)(x)
+    cap = getattr(c, "final_logit_softcapping", None)
+    return {"logits": logits if cap is None else jnp.tanh(logits / cap) * cap}
 
 
 def _cache_shape(cache):

@@ -123,20 +123,26 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """T5's and Llama's RMS norm: a scale only, no mean subtraction or bias; statistics in float32."""
+  """T5's and Llama's RMS norm: a scale only, no mean subtraction or bias; statistics in float32.
+
+  With `unit_offset` (Gemma) the scale is 1 + weight, and weight starts at zero.
+  """
 
   eps: float = 1e-6
   init_scale: float = 1.0  # T5 initialises it to initializer_factor
   dtype: Dtype = jnp.float32
   axis_name: str = "embed"
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x):
+    init = 0.0 if self.unit_offset else self.init_scale
     weight = self.param("weight", nn.with_logical_partitioning(
-        nn.initializers.constant(self.init_scale), (self.axis_name,)), (x.shape[-1],), jnp.float32)
+        nn.initializers.constant(init), (self.axis_name,)), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (weight * (x32 * jax.lax.rsqrt(variance + self.eps))).astype(self.dtype)
+    scale = 1.0 + weight if self.unit_offset else weight
+    return (scale * (x32 * jax.lax.rsqrt(variance + self.eps))).astype(self.dtype)
 
 
 class Embedding(nn.Module):
@@ -183,12 +189,16 @@ def attention_bias(attention_mask, dtype):
 
 
 def dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bias, *, dropout_rate: float,
-                          deterministic: bool, module: nn.Module, dtype, scale: Optional[float] = None):
+                          deterministic: bool, module: nn.Module, dtype, scale: Optional[float] = None,
+                          softcap: Optional[float] = None, zero_unseen: bool = True):
   """Scaled dot-product attention; softmax in float32; returns (context [B,L,H,D], probs [B,H,L,S]).
 
   Keys and values may have fewer heads K than the queries (grouped-query attention): query head h
   reads KV head h // (H / K), as transformers' repeat_kv lays them out. `scale` defaults to
-  1/sqrt(head_dim); GPT-2's config can turn it off or divide it by the layer index.
+  1/sqrt(head_dim); GPT-2's config can turn it off or divide it by the layer index. `softcap` c
+  bounds the scaled logits to c * tanh(logits / c) before the mask (Gemma 2). A query that sees no
+  key gets zero context (torch's SDPA), or with `zero_unseen=False` the mean of every value, as
+  transformers' eager attention gives it (Gemma 2, which has no SDPA path).
   """
   scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1]) if scale is None else scale
   b, l, h, d = q_BxLxHxD.shape
@@ -199,14 +209,17 @@ def dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bias, *, dropout_rate
     q_BxLxKxGxD = q_BxLxHxD.reshape(b, l, k_heads, h // k_heads, d)
     logits_BxHxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD).reshape(b, h, l, s)
   logits_BxHxLxS = logits_BxHxLxS.astype(jnp.float32) * scale
+  if softcap is not None:
+    logits_BxHxLxS = jnp.tanh(logits_BxHxLxS / softcap) * softcap
   if bias is not None:
     bias32 = bias.astype(jnp.float32)
     logits_BxHxLxS = logits_BxHxLxS + bias32
     probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
-    # A query that may see no key at all (a left-padded slot under the causal mask) gets zero
-    # context, as torch's scaled_dot_product_attention (transformers' default) gives it.
-    sees_a_key = jnp.max(bias32, axis=-1, keepdims=True) > 0.5 * jnp.finfo(bias.dtype).min
-    probs = jnp.where(sees_a_key, probs, 0.0)
+    if zero_unseen:
+      # A query that may see no key at all (a left-padded slot under the causal mask) gets zero
+      # context, as torch's scaled_dot_product_attention (transformers' default) gives it.
+      sees_a_key = jnp.max(bias32, axis=-1, keepdims=True) > 0.5 * jnp.finfo(bias.dtype).min
+      probs = jnp.where(sees_a_key, probs, 0.0)
   else:
     probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
