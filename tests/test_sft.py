@@ -155,7 +155,7 @@ def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path)
   overrides = {"model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
                                           "num_attention_heads=4,num_key_value_heads=2,"
                                           "max_position_embeddings=128"),
-               "data.max_length": 128, "data.max_train_samples": 2000, "data.max_eval_samples": 32,
+               "data.max_length": 128, "data.max_train_samples": 1000, "data.max_eval_samples": 32,
                "train.steps": 150, "train.batch_size": 8, "train.eval_batch_size": 16,
                "train.learning_rate": 3e-3, "train.eval_every": 0, "train.eval_on_start": True,
                "train.log_every": 25,

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxhf.models.losses import IGNORE_INDEX, next_token_labels
-from flaxhf.train.tasks_clm import CausalLM, document_mask_and_positions, shifted_token_losses
+from flaxhf.models.losses import IGNORE_INDEX
+from flaxhf.train.tasks_clm import CausalLM, document_mask_and_positions
 
 
 def sft_labels(labels_BxL, document_ids_BxL):
@@ -24,7 +24,8 @@ def sft_labels(labels_BxL, document_ids_BxL):
 
 
 class SFT(CausalLM):
-  """Chat SFT of a decoder (configs/sft.py): a checkpoint, a local HF folder, or from scratch."""
+  """Chat SFT of a decoder (configs/sft.py): a checkpoint, a local HF folder, or from scratch.
+  The loss, predictions and metrics are the causal LM's, over the labels built here."""
 
   name = "sft"
   supports_streaming = False
@@ -47,15 +48,6 @@ class SFT(CausalLM):
     mask, positions = document_mask_and_positions(doc, batch["attention_mask"])
     return {**batch, "labels": sft_labels(batch["labels"], doc), "attention_mask": mask,
             "position_ids": positions}
-
-  def loss(self, outputs, batch):
-    per, valid = shifted_token_losses(outputs.logits, batch["labels"])
-    return jnp.sum(per), jnp.sum(valid)
-
-  def predict(self, outputs, batch):
-    per, valid = shifted_token_losses(outputs.logits, batch["labels"])
-    hit = (jnp.argmax(outputs.logits, -1) == next_token_labels(batch["labels"])) & valid
-    return {"loss_sum": per.sum(-1), "count": valid.sum(-1), "correct": hit.sum(-1)}
 
   def samples(self, model, params, task_data):
     """Greedy replies to the first few held-out conversations (prompts left-padded together)."""
