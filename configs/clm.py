@@ -31,11 +31,13 @@ WIKITEXT_DIR = os.path.join(LM_DIR, "wikitext-2-v1")
 TINYSHAKESPEARE = os.path.join(LM_DIR, "tinyshakespeare", "input.txt")
 LOCAL_GPT2 = "n_embd=128,n_layer=4,n_head=4,n_positions=256"
 SMOKE_GPT2 = "n_embd=64,n_layer=2,n_head=2,n_positions=128"
+# head_dim is named: Qwen3's config defaults it to 128 whatever the hidden size.
 _ROTARY = ("hidden_size={d},intermediate_size={f},num_hidden_layers={n},num_attention_heads=4,"
-           "num_key_value_heads=2,max_position_embeddings={p}")
+           "num_key_value_heads=2,head_dim={h},max_position_embeddings={p}")
 # family -> (local, smoke) model.config_overrides of a small model from scratch.
 FAMILY_SIZES = {"gpt2": (LOCAL_GPT2, SMOKE_GPT2),
-                **{f: (_ROTARY.format(d=128, f=352, n=4, p=256), _ROTARY.format(d=64, f=176, n=2, p=128))
+                **{f: (_ROTARY.format(d=128, f=352, n=4, h=32, p=256),
+                       _ROTARY.format(d=64, f=176, n=2, h=16, p=128))
                    for f in ("llama", "mistral", "qwen2", "qwen3")}}
 
 

@@ -53,6 +53,11 @@ def test_config_loads(name, arg, request):
       assert cfg.model.name_or_path is None and cfg.model.from_scratch
       assert cfg.model.config_name == family
       assert ("n_layer=" if family == "gpt2" else "num_key_value_heads=") in cfg.model.config_overrides
+      if family != "gpt2":  # the heads split the hidden size (Qwen3's head_dim defaults to 128)
+        import transformers
+        model_config = transformers.AutoConfig.for_model(family)
+        model_config.update_from_string(cfg.model.config_overrides)
+        assert model_config.head_dim * model_config.num_attention_heads == model_config.hidden_size
       assert os.path.isfile(os.path.join(cfg.model.tokenizer, "tokenizer.json"))
       if name == "sft":
         assert cfg.data.chat_template == "default" and cfg.data.packing
