@@ -313,3 +313,48 @@ def test_phi3_residual_dropout_is_live_in_training():
                               dropout_rng=jax.random.key(s)).logits) for s in (0, 0, 1)]
   np.testing.assert_array_equal(trained[0], trained[1])
   assert not np.allclose(trained[0], evaluated) and not np.allclose(trained[0], trained[2])
+
+
+def test_sharded_bf16_folder_loads_in_bf16_onto_the_mesh_and_exports_bf16(tmp_path):
+  """A bf16 checkpoint in safetensors shards with an index, as the hub serves Llama: with
+  param_dtype=bfloat16 every weight lands on its mesh shards still bf16 (bitwise the file's), a
+  float32 compute over them equals PyTorch's float32 model of the same weights, and
+  save_pretrained writes bf16 that transformers reads back bitwise."""
+  import jax.numpy as jnp
+  from flaxhf import sharding
+  pt = torch_model("llama").to(torch.bfloat16)
+  pt.save_pretrained(tmp_path / "pt", max_shard_size="100KB")
+  files = sorted(p.name for p in (tmp_path / "pt").iterdir())
+  assert "model.safetensors.index.json" in files
+  assert len([f for f in files if f.endswith(".safetensors")]) >= 2
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  model = flaxhf.FlaxAutoModelForCausalLM.from_pretrained(str(tmp_path / "pt"), param_dtype="bfloat16",
+                                                          mesh=mesh, rules="fsdp_tp")
+  leaves = flatten(model.params)
+  assert {v.dtype for v in leaves.values()} == {np.dtype(jnp.bfloat16)}
+  q = leaves["model.layers.0.self_attn.q_proj.weight"]
+  assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape != q.shape
+  want = {k: v.view(torch.int16).numpy() for k, v in pt.state_dict().items()}
+  got = model.state_dict()
+  assert set(got) == set(want)
+  for k, v in got.items():
+    assert v.dtype == jnp.bfloat16 and np.array_equal(v.view(np.int16), want[k]), k
+
+  ids, mask = left_padded((12, 7), 12)
+  logits = model(ids, attention_mask=mask).logits  # dtype float32: the bf16 weights computed in fp32
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), torch_outputs(pt.float(), {
+      "input_ids": ids, "attention_mask": mask}).logits.numpy(), atol=1e-5, rtol=1e-5)
+
+  model.save_pretrained(tmp_path / "flax")
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "flax")
+  assert back.dtype == torch.bfloat16
+  for k, v in back.state_dict().items():
+    assert v.dtype == torch.bfloat16 and np.array_equal(v.view(torch.int16).numpy(), want[k]), k
+  # v4's casts: to_fp32 then to_bf16 gives the same weights back, bitwise.
+  fp32 = model.to_fp32()
+  assert {v.dtype for v in flatten(fp32).values()} == {np.dtype(np.float32)}
+  for k, v in flatten(model.to_bf16(fp32)).items():
+    assert np.array_equal(np.asarray(v).view(np.int16), np.asarray(leaves[k]).view(np.int16)), k
+  with pytest.raises(ValueError, match="param_dtype=int8 is not a weight dtype"):
+    flaxhf.FlaxAutoModelForCausalLM.from_pretrained(str(tmp_path / "pt"), param_dtype="int8")

@@ -50,6 +50,22 @@ def unflatten(flat: Dict[str, Any], like) -> dict:
   return traverse_util.unflatten_dict({paths[k]: v for k, v in flat.items()})
 
 
+_HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def _param_dtype(dtype):
+  """float32 (None), or a floating dtype given as a numpy/jax dtype or its name."""
+  if dtype is None:
+    return np.float32
+  try:
+    dtype = np.dtype(getattr(jnp, dtype) if isinstance(dtype, str) else dtype)
+  except (AttributeError, TypeError) as e:
+    raise ValueError(f"param_dtype={dtype!r} is not a dtype: use float32, bfloat16 or float16.") from e
+  if dtype not in (np.dtype(np.float32), *_HALF_DTYPES):
+    raise ValueError(f"param_dtype={dtype} is not a weight dtype: use float32, bfloat16 or float16.")
+  return dtype
+
+
 def _fmt(keys, limit=20):
   keys = sorted(keys)
   more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -268,13 +284,15 @@ class FlaxPreTrainedModel:
                       ignore_mismatched_sizes: bool = False, trust_remote_code: bool = False,
                       mesh=None, rules: str = "fsdp", input_shape=None, scan_layers: bool = False,
                       remat: str = "none", gradient_checkpointing: bool = False,
-                      adapter: Optional[str] = None, **kwargs):
+                      adapter: Optional[str] = None, param_dtype=None, **kwargs):
     """Loads a Hugging Face checkpoint (folder or hub id) into this head, creating new head weights.
 
     With `mesh`, each tensor is placed straight onto its shards under the rule table `rules`.
     `scan_layers` stacks the layers into one scanned layer on load; `remat` (a
     jax.checkpoint_policies name) or `gradient_checkpointing` rematerialises each layer.
     `adapter` (a peft LoRA adapter folder) is merged in, as peft's merge_and_unload() does.
+    `param_dtype` stores the weights in that dtype (e.g. jnp.bfloat16 keeps a bf16 checkpoint's
+    tensors as they are, half the memory of the float32 default); `dtype` is the compute dtype.
     Returns the model, or `(model, params)` with `_do_init=False` as in transformers v4.
     """
     if model_args:
@@ -304,7 +322,7 @@ class FlaxPreTrainedModel:
     state = io.load_state_dict(model_dir)
     params = model._params_from_state_dict(state, seed=seed, mesh=mesh, rules=rules,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                           source=model_dir)
+                                           source=model_dir, param_dtype=param_dtype)
     if adapter is not None:
       from flaxhf import lora
       params = lora.merge_adapter(model, io.resolve_model_dir(adapter, **hub_kwargs), params)
@@ -316,8 +334,10 @@ class FlaxPreTrainedModel:
     return model
 
   def _params_from_state_dict(self, state, *, seed=0, mesh=None, rules="fsdp",
-                              ignore_mismatched_sizes=False, source="checkpoint"):
-    """Strictly matches a PyTorch-named state dict to this model's params; inits only the new head."""
+                              ignore_mismatched_sizes=False, source="checkpoint", param_dtype=None):
+    """Strictly matches a PyTorch-named state dict to this model's params; inits only the new head.
+    The params are float32, or `param_dtype` (cast on the host, before any device sees them)."""
+    param_dtype = np.dtype(_param_dtype(param_dtype))
     expected = self._external_shapes()  # PyTorch keys, whether or not the layers are scanned
     prefix = self.base_model_prefix + "."
     is_head = any(k.startswith(prefix) for k in expected)
@@ -366,7 +386,7 @@ class FlaxPreTrainedModel:
     init_params = self._unstack(flatten(self.init_weights(jax.random.key(seed)))) if fresh else {}
 
     def on_host(k):
-      return np.asarray(init_params[k] if k in fresh else state[k], dtype=np.float32)
+      return np.asarray(init_params[k] if k in fresh else state[k], dtype=param_dtype)
 
     flat = {}
     for k, shape in flatten(self.param_shapes()).items():
@@ -374,7 +394,7 @@ class FlaxPreTrainedModel:
         prefix_k, rest = self._stacked[k]
         value = np.stack([on_host(f"{prefix_k}.{i}.{rest}") for i in range(shape[0])])
       else:
-        value = init_params[k] if k in fresh else on_host(k)
+        value = on_host(k)
       if shardings is None:
         flat[k] = jnp.asarray(value)
       else:
@@ -398,7 +418,8 @@ class FlaxPreTrainedModel:
     for k, v in flat.items():
       if isinstance(v, jax.Array) and not v.is_fully_addressable:
         v = multihost_utils.process_allgather(v, tiled=True)
-      out[k] = np.asarray(jax.device_get(v), dtype=np.float32)
+      v = np.asarray(jax.device_get(v))  # 16-bit weights stay 16-bit; anything else is float32
+      out[k] = v if v.dtype in _HALF_DTYPES else v.astype(np.float32)
     return self._unstack(out)
 
   def export_config(self):
@@ -416,9 +437,29 @@ class FlaxPreTrainedModel:
       return
     os.makedirs(save_directory, exist_ok=True)
     io.save_safetensors(state, save_directory)
-    self.export_config().save_pretrained(save_directory)
+    config = self.export_config()
+    dtypes = {v.dtype for v in state.values()}
+    config.dtype = str(dtypes.pop()) if len(dtypes) == 1 else "float32"  # the weights' own dtype
+    config.save_pretrained(save_directory)
     if hasattr(self, "can_generate"):
       self.generation_config.save_pretrained(save_directory)
+
+  # ---- v4 dtype casts: new params, the floating leaves (where `mask` is True) cast ---------------
+  def _cast_params(self, params, dtype, mask):
+    params = self.params if params is None else params
+    mask = jax.tree_util.tree_map(lambda _: True, params) if mask is None else mask
+    return jax.tree_util.tree_map(
+        lambda p, m: p.astype(dtype) if m and jnp.issubdtype(p.dtype, jnp.floating) else p,
+        params, mask)
+
+  def to_bf16(self, params=None, mask=None):
+    return self._cast_params(params, jnp.bfloat16, mask)
+
+  def to_fp16(self, params=None, mask=None):
+    return self._cast_params(params, jnp.float16, mask)
+
+  def to_fp32(self, params=None, mask=None):
+    return self._cast_params(params, jnp.float32, mask)
 
 
 # task -> model_type -> class; filled as each family module declares its classes.
