@@ -40,6 +40,15 @@ eval.max_new_tokens) and the task's own scorer (sacrebleu BLEU / rouge-score ROU
 flaxhf.metrics) scores the decoded text. The table ends with whether flaxhf's mean is within 1
 point of PyTorch's. A few hundred steps only start to translate (BLEU of a few points), so a small
 difference there says less than it would at convergence: raise --steps for a stronger check.
+Chat SFT (`--tasks sft`: configs/sft.py:local, GPTeacher conversations with the ChatML-style
+template, a `--sft_family` decoder from scratch, default a 4-layer 128-wide Llama): PyTorch draws
+the initial weights as above; both sides train on flaxhf's packed rows in the same order, the loss
+on assistant tokens only. PyTorch takes a packed row as transformers takes packed sequences
+(positions restarting per conversation, no attention mask, use_cache=False), so attention stays
+within each conversation on both sides. The table adds both train-loss curves, step by step, and
+whether flaxhf's eval assistant-token loss is within 1% of PyTorch's (there is no dropout in
+these models: the runs differ by float rounding only; `--quick` measured 10.1776 on both sides, the
+curves equal to 4 decimals over 20 steps).
 `--quick` checks the script end to end in about a minute: the `smoke` variants (a 64-wide 2+2 model,
 48-token texts), 20 steps, 16 eval examples (MiniLM tasks: 20 steps, 320 train / 16 eval examples).
 
@@ -51,6 +60,7 @@ checkpoint and the export (as finetune_sst2.py), not data prep or model loading.
 import argparse
 import ast
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -84,19 +94,26 @@ TASKS = {
     "summarization": dict(config="configs.summarization", auto="AutoModelForSeq2SeqLM", steps=300,
                           batch_size=None, lr=None, max_length=None, max_train_samples=None,
                           max_eval_samples=None),
+    # Chat SFT from scratch (configs/sft.py:local: a small Llama, GPTeacher, packed rows).
+    "sft": dict(config="configs.sft", auto="AutoModelForCausalLM", steps=200, batch_size=None,
+                lr=None, max_length=None, max_train_samples=2000, max_eval_samples=None),
 }
 NAMES = {"ner": "NER (CoNLL-2003)", "qa": "QA (SQuAD split)", "mc": "MC (CODAH)",
-         "translation": "MT (Tatoeba en-ro)", "summarization": "Sum (DialogSum)"}
+         "translation": "MT (Tatoeba en-ro)", "summarization": "Sum (DialogSum)",
+         "sft": "SFT (GPTeacher)"}
 SEQ2SEQ = ("translation", "summarization")
+FROM_SCRATCH = SEQ2SEQ + ("sft",)  # PyTorch draws the initial weights, both sides start there
 QUICK = dict(steps=20, max_train_samples=320, max_eval_samples=16)  # --quick, unless a flag is set
 
 
 def task_config(name, args, seed):
   """The task's `local` config with this run's overrides (the config stays locked: typos fail)."""
   spec = TASKS[name]
-  variant = "local" + (",smoke" if args.quick and name in SEQ2SEQ else "")
+  variant = "local" + (",smoke" if args.quick and name in FROM_SCRATCH else "")
   if name in SEQ2SEQ:
     variant += f",family={args.family}"
+  elif name == "sft":
+    variant += f",family={args.sft_family}"
   cfg = importlib.import_module(spec["config"]).get_config(variant)
 
   def pick(flag):  # an explicit flag wins over --quick, then the task default
@@ -108,10 +125,14 @@ def task_config(name, args, seed):
   for key, flag in (("steps", "steps"), ("batch_size", "batch_size"), ("learning_rate", "lr")):
     if pick(flag) is not None:  # None: the local config's
       cfg.train[key] = pick(flag)
-  if name in SEQ2SEQ:
-    if args.quick:  # one shape each: one train step, eval step and generate program to compile
-      cfg.train.eval_batch_size = 16
-      cfg.data.buckets = (int(cfg.data.max_length),)
+  if name in FROM_SCRATCH and args.quick:  # one shape each: one train, eval, generate program
+    cfg.train.eval_batch_size = 16
+    cfg.data.buckets = (int(cfg.data.max_length),)
+  if name == "sft":
+    cfg.eval.num_samples = 0  # replies are logged, not scored: nothing to compare
+    if pick("max_length") is not None:
+      cfg.data.max_length = pick("max_length")
+  elif name in SEQ2SEQ:
     if pick("max_length") is not None:  # sources; the padding cap must hold the targets too
       cfg.data.max_source_length = pick("max_length")
       cfg.data.max_length = max(pick("max_length"), cfg.data.max_target_length)
@@ -123,6 +144,8 @@ def task_config(name, args, seed):
   cfg.data.max_eval_samples = pick("max_eval_samples")
   cfg.train.seed = seed
   cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
+  if name == "sft":  # every step's loss, to set the two loss curves side by side
+    cfg.train.log_every = 1
   cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
   if args.dropout_off:
@@ -157,6 +180,8 @@ def without_dropout(model_dir):
 def main_metric(task, metrics):
   """(label, values) of the task's headline metric, with SQuAD's exact match alongside its F1."""
   key = task.main_metric[0]
+  if task.name == "sft":  # the assistant-token loss (perplexity is its exp)
+    return "loss", (float(metrics["loss"]),)
   if "exact_match" in metrics:
     return "EM/F1", (float(metrics["exact_match"]), float(metrics[key]))
   return key, (float(metrics[key]),)
@@ -187,7 +212,9 @@ def run_flaxhf(cfg, init_dir=None, train=True):
     finally:
       trainer.ckpt.close()
     wall = time.perf_counter() - t0
-  return results, wall, trainer.data
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:  # the logged train losses, by step
+      curve = {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+  return {**results, "curve": curve}, wall, trainer.data
 
 
 def exact_buckets(max_length):
@@ -296,8 +323,8 @@ def run_torch(name, cfg, task, data, threads, init_dir=None):
   return metrics, time.perf_counter() - t0
 
 
-# ---- translation and summarization -------------------------------------------------------------
-def seq2seq_init(cfg, args, seed, init_dir):
+# ---- from scratch: translation, summarization and chat SFT --------------------------------------
+def scratch_init(name, cfg, args, seed, init_dir):
   """Builds the local config's from-scratch model in PyTorch, saves it (and the tokenizer) in
   `init_dir` and points cfg's model there, unless --independent_init; (torch model, task, data)."""
   import torch
@@ -316,7 +343,7 @@ def seq2seq_init(cfg, args, seed, init_dir):
       if "dropout" in key and isinstance(value, float):
         setattr(config, key, 0.0)
   torch.manual_seed(seed)
-  model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+  model = getattr(transformers, TASKS[name]["auto"]).from_config(config)
   if not args.independent_init:  # flaxhf fine-tunes from PyTorch's initial weights
     model.save_pretrained(init_dir)
     tokenizer.save_pretrained(init_dir)
@@ -368,24 +395,82 @@ def run_torch_seq2seq(cfg, model, task, data, threads):
   return metrics, time.perf_counter() - t0
 
 
-def run_seq2seq_task(name, args, seed):
-  """Translation or summarization on both sides with one seed: a result row for the table."""
+def run_torch_sft(cfg, model, task, data, threads):
+  """The same chat SFT as a PyTorch loop over flaxhf's packed rows, then the assistant-token loss
+  of the eval conversations; (metrics, wall s).
+
+  A packed row goes in as transformers takes packed sequences: positions that restart with each
+  conversation and no attention mask (transformers then keeps attention within each conversation;
+  the padded tail is a segment of its own, after every real token), labels -100 off the
+  assistant's turns and on each conversation's first token (flaxhf.train.tasks_sft.sft_labels)."""
+  import torch
+  from flaxhf.data import batching
+  from flaxhf.train.tasks_clm import document_mask_and_positions
+  from flaxhf.train.tasks_sft import sft_labels
+  torch.set_num_threads(threads)
+  torch.manual_seed(cfg.train.seed)
+  t, length = cfg.train, int(cfg.data.max_length)
+  opt, sched = torch_optimizer(model, t)
+  pad = {"input_ids": task.tokenizer.pad_token_id or 0, **data.pad_values}
+  buckets = exact_buckets(length)
+
+  def packed(batch, n=None):
+    doc, mask = np.asarray(batch["document_ids"][:n]), np.asarray(batch["attention_mask"][:n])
+    _, positions = document_mask_and_positions(doc, mask)
+    labels = sft_labels(np.asarray(batch["labels"][:n]), doc)
+    return {"input_ids": torch.from_numpy(np.asarray(batch["input_ids"][:n], np.int64)),
+            "position_ids": torch.from_numpy(np.asarray(positions, np.int64)),
+            "labels": torch.from_numpy(np.asarray(labels, np.int64)), "use_cache": False}
+
+  batches = batching.train_batches(data.train, global_batch_size=t.batch_size, seed=t.seed,
+                                   buckets=buckets, max_length=length, pad_values=pad,
+                                   group_by_length=cfg.data.group_by_length)
+  model.train()
+  t0 = time.perf_counter()
+  curve = {}
+  for step in range(1, t.steps + 1):
+    loss = model(**packed(next(batches))).loss  # the mean over the batch's assistant tokens
+    curve[step] = float(loss.detach())
+    torch_update(loss, model, opt, sched, t.max_grad_norm)
+  model.eval()
+  total, count = 0.0, 0
+  with torch.no_grad():
+    for batch in batching.eval_batches(data.eval, global_batch_size=t.eval_batch_size,
+                                       buckets=buckets, max_length=length, pad_values=pad):
+      n = int(batch["example_mask"].sum())
+      inputs = packed(batch, n)
+      labels = inputs.pop("labels")
+      logits = model(**inputs).logits[:, :-1].float()
+      target = labels[:, 1:]
+      total += float(torch.nn.functional.cross_entropy(
+          logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
+      count += int((target != -100).sum())
+  loss = total / max(count, 1)
+  return ({"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "tokens": count,
+           "curve": curve}, time.perf_counter() - t0)
+
+
+def run_scratch_task(name, args, seed):
+  """Translation, summarization or SFT on both sides with one seed: a result row for the table."""
   from flaxhf.train.tasks import get_task
   cfg = task_config(name, args, seed)
   row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
   init_dir = tempfile.mkdtemp(prefix="init_")
   try:
-    model, task, data = seq2seq_init(cfg, args, seed, init_dir)
+    model, task, data = scratch_init(name, cfg, args, seed, init_dir)
     row["model"] = (f"{model.config.model_type} {model.num_parameters() / 1e6:.1f}M params, "
                     f"vocab {model.config.vocab_size}")
     if args.only != "torch":
       results, row["flaxhf_s"], _ = run_flaxhf(cfg)
       row["flaxhf"] = main_metric(get_task(cfg), results)
+      row.setdefault("curves", {})["flaxhf"] = results["curve"]
       print(f"[{name} seed {seed}] flaxhf: {row['flaxhf'][0]} {fmt(row['flaxhf'][1])}  "
             f"({row['flaxhf_s']:.1f} s)", flush=True)
     if args.only != "flaxhf":
-      metrics, row["torch_s"] = run_torch_seq2seq(cfg, model, task, data, args.threads)
+      run = run_torch_sft if name == "sft" else run_torch_seq2seq
+      metrics, row["torch_s"] = run(cfg, model, task, data, args.threads)
       row["torch"] = main_metric(task, metrics)
+      row.setdefault("curves", {})["torch"] = metrics.get("curve", {})
       print(f"[{name} seed {seed}] pytorch: {row['torch'][0]} {fmt(row['torch'][1])}  "
             f"({row['torch_s']:.1f} s)", flush=True)
   finally:
@@ -398,8 +483,8 @@ def run_task(name, args, seed):
   """One task on both sides with one seed: a result row for the table."""
   from transformers import AutoTokenizer
   from flaxhf.train.tasks import get_task
-  if name in SEQ2SEQ:
-    return run_seq2seq_task(name, args, seed)
+  if name in FROM_SCRATCH:
+    return run_scratch_task(name, args, seed)
   cfg = task_config(name, args, seed)
   row = {"task": NAMES[name], "cfg": cfg, "seed": seed}
   data = None
@@ -430,8 +515,11 @@ def print_table(rows, threads):
   """The settings of each task, then task | metric | flaxhf | PyTorch | flaxhf s | PyTorch s."""
   print(f"\nFine-tunes, float32, one JAX device, torch threads {threads}")
   for r in [r for r in rows if r["seed"] == rows[0]["seed"]]:
-    c, unit = r["cfg"], "windows" if "QA" in r["task"] else "examples"
-    if "model" in r:  # translation / summarization
+    c = r["cfg"]
+    unit = "windows" if "QA" in r["task"] else "rows" if "SFT" in r["task"] else "examples"
+    if "model" in r and "SFT" in r["task"]:
+      lengths = (f"rows of {c.data.max_length} packed tokens; {r['model']} from scratch")
+    elif "model" in r:  # translation / summarization
       lengths = (f"source/target {c.data.max_source_length}/{c.data.max_target_length}, label "
                  f"smoothing {c.train.label_smoothing:g}, eval generation "
                  f"{task_generation(c)}; {r['model']} from scratch")
@@ -469,9 +557,21 @@ def print_table(rows, threads):
             for k in ("flaxhf_s", "torch_s")]
     line(task, "mean", (runs[0].get("flaxhf") or runs[0].get("torch"))[0], *cells,
          *(f"{x:.1f}" if x is not None else "-" for x in secs))
+  for r in rows:  # SFT: the train loss curves side by side
+    curves = r.get("curves", {})
+    if "SFT" in r["task"] and len(curves) == 2 and curves["flaxhf"]:
+      steps = sorted(curves["flaxhf"])
+      marks = sorted({1, 2, 5, *range(25, steps[-1] + 1, 25), steps[-1]} & set(steps))
+      print(f"{r['task']} seed {r['seed']}, train loss by step (flaxhf / PyTorch): " + ", ".join(
+          f"{k}: {curves['flaxhf'][k]:.4f}/{curves['torch'].get(k, float('nan')):.4f}" for k in marks))
   for task in dict.fromkeys(r["task"] for r in rows if "model" in r):  # BLEU / ROUGE points
     runs = [r for r in rows if r["task"] == task and "flaxhf" in r and "torch" in r]
-    if runs:
+    if runs and "SFT" in task:
+      f, t = (np.mean([r[side][1][0] for r in runs]) for side in ("flaxhf", "torch"))
+      print(f"{task}: eval assistant-token loss flaxhf {f:.4f} vs PyTorch {t:.4f} (mean of "
+            f"{len(runs)} seed(s)): relative difference {(f - t) / t:+.2%}; within 1%: "
+            f"{'yes' if abs(f - t) <= 0.01 * t else 'no'}")
+    elif runs:
       f, t = (np.mean([r[side][1][0] for r in runs]) for side in ("flaxhf", "torch"))
       print(f"{task}: flaxhf {runs[0]['flaxhf'][0]} {f:.2f} vs PyTorch {t:.2f} (mean of "
             f"{len(runs)} seed(s)): difference {f - t:+.2f}; within 1 point: "
@@ -492,7 +592,7 @@ def task_defaults(flag):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--tasks", default="ner,qa,mc",
-                 help="comma-separated subset of ner,qa,mc,translation,summarization")
+                 help="comma-separated subset of ner,qa,mc,translation,summarization,sft")
   for flag in ("steps", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
     p.add_argument(f"--{flag}", type=int, default=None, help=task_defaults(flag))
   p.add_argument("--lr", type=float, default=None,
@@ -510,6 +610,8 @@ def main():
                  "weights (translation/summarization: each side its own from-scratch init)")
   p.add_argument("--family", choices=["bart", "t5", "marian"], default="bart",
                  help="translation/summarization: the from-scratch model family")
+  p.add_argument("--sft_family", choices=["llama", "mistral", "qwen2", "qwen3", "gpt2"],
+                 default="llama", help="sft: the from-scratch decoder family")
   p.add_argument("--quick", action="store_true",
                  help="a check of seconds: tiny models, 20 steps, 16 eval examples")
   args = p.parse_args()

@@ -191,3 +191,23 @@ def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path)
   got = ours.generate(prompt, do_sample=False, max_new_tokens=12,
                       pad_token_id=tok.eos_token_id).sequences
   np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_sft_equals_a_pytorch_loop_on_the_same_packed_batches(data_dir):
+  """benchmarks/compare_tasks.py's SFT row, small: PyTorch draws a tiny Llama, both sides train it
+  on flaxhf's packed GPTeacher rows (transformers reads a packed row from its restarting
+  positions); every step's loss and the eval assistant-token loss agree to float rounding."""
+  import argparse
+  sys.path.insert(0, ROOT)
+  from benchmarks import compare_tasks
+  args = argparse.Namespace(
+      quick=True, steps=6, batch_size=4, lr=None, max_length=None, max_train_samples=48,
+      max_eval_samples=8, set=[], only=None, dropout_off=False, independent_init=False,
+      family="bart", sft_family="llama", threads=1)
+  row = compare_tasks.run_task("sft", args, seed=3)
+  curves = row["curves"]
+  assert sorted(curves["flaxhf"]) == sorted(curves["torch"]) == list(range(1, 7))
+  for step, loss in curves["torch"].items():
+    np.testing.assert_allclose(curves["flaxhf"][step], loss, rtol=2e-5, err_msg=f"step {step}")
+  assert curves["torch"][6] < curves["torch"][1] - 0.1  # it trains: the loss moves
+  np.testing.assert_allclose(row["flaxhf"][1][0], row["torch"][1][0], rtol=2e-5)
