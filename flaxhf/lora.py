@@ -164,6 +164,20 @@ def flatten_shapes(model) -> Dict[str, tuple]:
   return traverse_util.flatten_dict(model.param_shapes(), sep=".")
 
 
+ALL_LINEAR = "all-linear"
+# Output layers peft's "all-linear" leaves out (it drops model.get_output_embeddings()).
+_OUTPUT_LAYERS = ("lm_head", "decoder", "generator_lm_head")
+
+
+def _all_linear(names: Dict[str, tuple]) -> list:
+  """peft's target_modules="all-linear": the leaf names of every Linear/Conv1D layer but the
+  output layer, written as those names (as peft saves them)."""
+  out = {n for n in names if names[n] and (n == "lm_head" or n.endswith(
+      ("cls.predictions.decoder", "generator_lm_head", "lm_head.decoder")))}
+  return sorted({n.rsplit(".", 1)[-1] for n in names if names[n] and n not in out}
+                - {o.rsplit(".", 1)[-1] for o in out if o.rsplit(".", 1)[-1] in _OUTPUT_LAYERS})
+
+
 def _suffix_match(name: str, targets) -> bool:
   return name in targets or any(name.endswith("." + t) for t in targets)
 
@@ -186,6 +200,8 @@ class Lora:
         raise ValueError(f"No default LoRA targets for model type {self.model_type!r}: set "
                          f"target_modules (e.g. model.lora.target_modules=q_proj,v_proj).")
       self.target_modules = list(defaults[self.model_type])
+    elif self.target_modules == ALL_LINEAR:
+      self.target_modules = _all_linear(names)
     self.targets = self._resolve_targets(names)
 
   # ---- which modules ---------------------------------------------------------------------------

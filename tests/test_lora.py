@@ -145,6 +145,20 @@ def test_default_targets_are_peft_s():
   assert not set(lora.FLAXHF_DEFAULT_TARGETS) & set(peft_map)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_all_linear_targets_are_peft_s(family):
+  """target_modules="all-linear" picks the modules peft picks: every Linear/Conv1D but the output
+  layer (peft writes the names it found; so does flaxhf)."""
+  pt, cls, _, _ = FAMILIES[family]
+  pt = pt()
+  wrapped = peft.get_peft_model(pt, peft.LoraConfig(r=2, target_modules="all-linear"))
+  want = {n[len("base_model.model."):] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+  model = cls(pt.config, _do_init=False)
+  ours = lora.Lora(model, lora.LoraConfig(r=2, target_modules="all-linear"))
+  assert {n for t in ours.targets.values() for n in t.names} == want
+  assert "lm_head" not in want and len(want) > 4
+
+
 def _tiny_bert(task_cls=flaxhf.FlaxBertForSequenceClassification, hidden=32, **kw):
   config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
                                    num_attention_heads=4, intermediate_size=64,

@@ -211,3 +211,64 @@ def test_sft_equals_a_pytorch_loop_on_the_same_packed_batches(data_dir):
     np.testing.assert_allclose(curves["flaxhf"][step], loss, rtol=2e-5, err_msg=f"step {step}")
   assert curves["torch"][6] < curves["torch"][1] - 0.1  # it trains: the loss moves
   np.testing.assert_allclose(row["flaxhf"][1][0], row["torch"][1][0], rtol=2e-5)
+
+
+def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path):
+  """LoRA chat SFT through the CLI on a tiny Llama checkpoint (its tokenizer carrying the chat
+  template): the adapters lower the assistant-token loss below the base's (the run's step-0
+  eval), and PyTorch + peft on the base and the run's adapter folder gives the logits and greedy
+  reply of flaxhf's merged export."""
+  import torch
+  from flaxhf.data.clm import gpt2_tokenizer_dir
+  peft = pytest.importorskip("peft")
+  tok = transformers.AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+  tok.chat_template = chat.DEFAULT_TEMPLATE
+  torch.manual_seed(0)
+  base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+  base.save_pretrained(tmp_path / "base")
+  tok.save_pretrained(tmp_path / "base")
+  workdir = tmp_path / "run"
+  # A random base's output layer makes logits too small to fit anything: it trains in full
+  # (modules_to_save, as chat fine-tunes that add tokens do), the rest through adapters.
+  overrides = {"model.lora.r": 8, "model.lora.lora_alpha": 16, "model.lora.target_modules": "all-linear",
+               "model.lora.modules_to_save": "lm_head",
+               "data.max_length": 128, "data.max_train_samples": 400, "data.max_eval_samples": 16,
+               "train.steps": 60, "train.batch_size": 8, "train.eval_batch_size": 16,
+               "train.learning_rate": 1e-2, "train.eval_every": 0, "train.eval_on_start": True,
+               "train.log_every": 20, "train.progress_bar": False, "checkpoint.every_steps": 1000,
+               "eval.num_samples": 1, "eval.max_new_tokens": 8, "mesh.data": 1}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  proc = subprocess.run(
+      [sys.executable, "launch/run.py", "--config", f"configs/sft.py:local,model={tmp_path / 'base'}",
+       "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  trained = json.loads((workdir / "eval_results.json").read_text())
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  untrained = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)
+  print(f"LoRA SFT: untrained {untrained}, trained {trained}")
+  assert trained["loss"] < untrained["loss"] - 1.0, (untrained, trained)
+  assert trained["accuracy"] > untrained["accuracy"] + 0.1
+  adapter = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
+  assert adapter["task_type"] == "CAUSAL_LM" and sorted(adapter["target_modules"]) == [
+      "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+  with open(data_dir / "instruction" / "gpteacher" / "test.jsonl") as f:
+    first = json.loads(f.readline())["messages"]
+  prompt = chat.generation_prompt(tok, first, chat.DEFAULT_TEMPLATE)[None]
+  ours = flaxhf.FlaxAutoModelForCausalLM.from_pretrained(str(workdir / "export"))
+  theirs = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), workdir / "adapter").eval()
+  with torch.no_grad():
+    want_logits = theirs(input_ids=torch.as_tensor(prompt, dtype=torch.long)).logits.numpy()
+    want = theirs.generate(input_ids=torch.as_tensor(prompt, dtype=torch.long), do_sample=False,
+                           max_new_tokens=8, pad_token_id=tok.eos_token_id).numpy()
+  np.testing.assert_allclose(np.asarray(ours(prompt).logits), want_logits, atol=1e-4, rtol=1e-4)
+  got = ours.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=tok.eos_token_id)
+  np.testing.assert_array_equal(np.asarray(got.sequences), want)
+  samples = [r for r in records if r["kind"] == "samples"][-1]["samples"]
+  assert samples[0]["generated"] == tok.decode(want[0, prompt.shape[1]:], skip_special_tokens=True)
