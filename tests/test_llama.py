@@ -225,6 +225,28 @@ def test_generate_equals_transformers(family, num_beams):
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_phi3_generate_across_original_max_rebuilds_the_cache(num_beams):
+  """Generating across Phi-3's original_max_position_embeddings (32 here): transformers recomputes
+  the whole cache with the long factors at the step that crosses it; flaxhf does the same, so the
+  tokens after it stay equal (keeping the short-factor keys would change them)."""
+  ids, mask = left_padded((7, 3), 7, seed=3)
+  kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, pad_token_id=0,
+                output_scores=True, return_dict_in_generate=True)
+  got = flax_lm("phi3").generate(ids, attention_mask=mask, **kwargs)
+  pt = torch_model("phi3")
+  with torch.no_grad():
+    want = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs)
+  assert want.sequences.shape[1] > 33
+  np.testing.assert_array_equal(np.asarray(got.sequences), want.sequences.numpy())
+  # The scores of every step (random tiny models rarely flip a token): 1e-4 after the crossing.
+  assert len(got.scores) == len(want.scores) == 30
+  for step, (g, w) in enumerate(zip(got.scores, want.scores)):
+    w = w.numpy()
+    np.testing.assert_allclose(np.where(np.isfinite(w), np.asarray(g), 0), np.where(
+        np.isfinite(w), w, 0), atol=1e-4, err_msg=f"step {step}")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_classes_and_mappings(family):
   """Each family has exactly the heads transformers' auto classes have for its model_type, exported

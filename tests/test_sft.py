@@ -146,31 +146,40 @@ def test_packed_loss_and_gradients_equal_the_conversations_alone(tokenizer):
                                atol=1e-6, err_msg=k)
 
 
+# What both CLI runs share: a short run, its step-0 eval (eval_on_start) and one at the end.
+_CLI = {"train.batch_size": 8, "train.eval_batch_size": 16, "train.eval_every": 0,
+        "train.eval_on_start": True, "train.progress_bar": False, "checkpoint.every_steps": 1000,
+        "mesh.data": 1, "data.max_length": 128}
+
+
+def _run_sft_cli(config_arg, workdir, data_dir, overrides):
+  """launch/run.py on configs/sft.py:ARG; (untrained eval, trained eval, metrics.jsonl records)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  proc = subprocess.run(
+      [sys.executable, "launch/run.py", "--config", f"configs/sft.py:{config_arg}",
+       "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in {**_CLI, **overrides}.items())],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  trained = json.loads((workdir / "eval_results.json").read_text())
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  untrained = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)
+  return untrained, trained, records
+
+
 @pytest.mark.parametrize("family", ["llama"])
 def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path):
   """configs/sft.py:local (tiny) through the CLI on GPTeacher: the assistant-token loss falls well
   below the untrained model's (the same run's step-0 eval), replies are logged, and PyTorch
   generates the same from the export."""
   workdir = tmp_path / "run"
-  overrides = {"model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
-                                          "num_attention_heads=4,num_key_value_heads=2,"
-                                          "max_position_embeddings=128"),
-               "data.max_length": 128, "data.max_train_samples": 1000, "data.max_eval_samples": 32,
-               "train.steps": 150, "train.batch_size": 8, "train.eval_batch_size": 16,
-               "train.learning_rate": 3e-3, "train.eval_every": 0, "train.eval_on_start": True,
-               "train.log_every": 25,
-               "train.progress_bar": False, "checkpoint.every_steps": 1000, "eval.num_samples": 2,
-               "eval.max_new_tokens": 12, "mesh.data": 1}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
-  proc = subprocess.run(
-      [sys.executable, "launch/run.py", "--config", f"configs/sft.py:local,family={family}",
-       "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  trained = json.loads((workdir / "eval_results.json").read_text())
-  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  untrained = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)  # eval_on_start
+  untrained, trained, records = _run_sft_cli(f"local,family={family}", workdir, data_dir, {
+      "model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
+                                 "num_attention_heads=4,num_key_value_heads=2,"
+                                 "max_position_embeddings=128"),
+      "data.max_train_samples": 1000, "data.max_eval_samples": 32, "train.steps": 150,
+      "train.learning_rate": 3e-3, "train.log_every": 25, "eval.num_samples": 2,
+      "eval.max_new_tokens": 12})
   print(f"SFT {family}: untrained {untrained}, trained {trained}")
   assert untrained["tokens"] == trained["tokens"] > 1000
   assert trained["loss"] < untrained["loss"] - 3.0, (untrained, trained)
@@ -233,23 +242,11 @@ def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path):
   workdir = tmp_path / "run"
   # A random base's output layer makes logits too small to fit anything: it trains in full
   # (modules_to_save, as chat fine-tunes that add tokens do), the rest through adapters.
-  overrides = {"model.lora.r": 8, "model.lora.lora_alpha": 16, "model.lora.target_modules": "all-linear",
-               "model.lora.modules_to_save": "lm_head",
-               "data.max_length": 128, "data.max_train_samples": 400, "data.max_eval_samples": 16,
-               "train.steps": 60, "train.batch_size": 8, "train.eval_batch_size": 16,
-               "train.learning_rate": 1e-2, "train.eval_every": 0, "train.eval_on_start": True,
-               "train.log_every": 20, "train.progress_bar": False, "checkpoint.every_steps": 1000,
-               "eval.num_samples": 1, "eval.max_new_tokens": 8, "mesh.data": 1}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
-  proc = subprocess.run(
-      [sys.executable, "launch/run.py", "--config", f"configs/sft.py:local,model={tmp_path / 'base'}",
-       "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  trained = json.loads((workdir / "eval_results.json").read_text())
-  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  untrained = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)
+  untrained, trained, records = _run_sft_cli(f"local,model={tmp_path / 'base'}", workdir, data_dir, {
+      "model.lora.r": 8, "model.lora.lora_alpha": 16, "model.lora.target_modules": "all-linear",
+      "model.lora.modules_to_save": "lm_head", "data.max_train_samples": 400,
+      "data.max_eval_samples": 16, "train.steps": 60, "train.learning_rate": 1e-2,
+      "train.log_every": 20, "eval.num_samples": 1, "eval.max_new_tokens": 8})
   print(f"LoRA SFT: untrained {untrained}, trained {trained}")
   assert trained["loss"] < untrained["loss"] - 1.0, (untrained, trained)
   assert trained["accuracy"] > untrained["accuracy"] + 0.1

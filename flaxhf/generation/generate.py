@@ -104,6 +104,28 @@ class GenerationMixin:
     return out.logits[:, -1], {**state, "cache": out.past_key_values,
                                "position": state["position"] + 1}
 
+  def _cache_rebuild_at(self) -> Optional[int]:
+    """The logical length at which transformers recomputes the whole cache once while generating
+    (Phi-3: on first outgrowing original_max_position_embeddings, for its long rope factors)."""
+    return None
+
+  def _generation_rebuild(self, params, ids_NxS, slot, state):
+    """A decoder-only step that recomputes the cache from every token so far (slots 0..slot of
+    `ids_NxS`, the last one just chosen) instead of appending one token to it."""
+    n, s = ids_NxS.shape
+    seen_NxS = (jnp.arange(s) <= slot)[None, :]
+    mask_NxS = jnp.where(seen_NxS, state["mask"], 0)
+    # Positions count real tokens as the prefill's do; slots not written yet take 1 (no effect on
+    # the rope's sequence length) and stay causally hidden.
+    pos_NxS = jnp.where(mask_NxS > 0, jnp.cumsum(mask_NxS, axis=-1) - 1, 1)
+    out = self(ids_NxS, attention_mask=state["mask"], position_ids=pos_NxS, params=params,
+               past_key_values=self.init_cache(n, s))
+    cache = jax.tree_util.tree_map_with_path(  # the next token goes to slot + 1, as after a step
+        lambda path, x: jnp.asarray(slot + 1, x.dtype) if "cache_index" in jax.tree_util.keystr(path)
+        else x, out.past_key_values)
+    logits = jax.lax.dynamic_index_in_dim(out.logits, slot, axis=1, keepdims=False)
+    return logits, {**state, "cache": cache, "position": state["position"] + 1}
+
   # ---- generate ----------------------------------------------------------------------------------
   def generate(self, input_ids, attention_mask=None, generation_config=None, prng_key=None,
                trace: bool = True, params=None, logits_processor=None, decoder_input_ids=None,
@@ -288,6 +310,9 @@ class _Runner:
       return processors.apply(self.spec, values, logits_NxV, seqs, cur_len)
 
     step = model._generation_step
+    rebuild_at = model._cache_rebuild_at()
+    if rebuild_at is not None and not model.is_encoder_decoder:
+      step, state = _rebuilding(model, rebuild_at, ids_NxP, state, traced["prompt_len"])
     if self.num_beams == 1:
       seqs, cur_len, scores = search.decode(
           step, params, logits, state, sequences_NxS, lengths, process, do_sample=self.do_sample,
@@ -323,6 +348,30 @@ class _Runner:
         result["sequences_scores"] = jnp.asarray(out["sequences_scores"])
         result["scores"] = tuple(jnp.asarray(s) for s in out["scores"][:steps])
     return GenerateOutput(**result)
+
+
+def _rebuilding(model, at: int, ids_NxP, state, prompt_len):
+  """(step, state) that also keep every token fed so far, and at the step whose token reaches
+  logical length `at` + 1 (transformers' input_ids.shape[1]) recompute the cache from all of them
+  instead (model._generation_rebuild), as transformers does for Phi-3. Rows reorder with the beams
+  like the rest of the state."""
+  n, p = ids_NxP.shape
+  cache_len = state["mask"].shape[1]
+  ids_NxS = jnp.zeros((n, cache_len), jnp.int32).at[:, :p].set(ids_NxP.astype(jnp.int32))
+  # `logical`: transformers' length once this step's token is in; `slot`: where it goes here
+  # (the prompt may sit left-padded in a wider bucket).
+  wrapped = {"inner": state, "ids": ids_NxS, "slot": jnp.int32(p), "logical": prompt_len + 1}
+
+  def step(params, tokens_N, st):
+    ids = jax.lax.dynamic_update_slice_in_dim(st["ids"], tokens_N[:, None].astype(jnp.int32),
+                                              st["slot"], axis=1)
+    logits, inner = jax.lax.cond(
+        st["logical"] == at + 1,
+        lambda: model._generation_rebuild(params, ids, st["slot"], st["inner"]),
+        lambda: model._generation_step(params, tokens_N, st["inner"]))
+    return logits, {"inner": inner, "ids": ids, "slot": st["slot"] + 1, "logical": st["logical"] + 1}
+
+  return step, wrapped
 
 
 def _untraced(program, args):

@@ -505,6 +505,14 @@ class DecoderGeneration(GenerationMixin):
   def _max_positions(self) -> Optional[int]:
     return None if self.rotary else super()._max_positions()
 
+  def _cache_rebuild_at(self) -> Optional[int]:
+    # transformers' Phi-3 recomputes the cache once the sequence outgrows the original length, so
+    # the keys before it take the long factors too (its prepare_inputs_for_generation).
+    if self.config.model_type != "phi3":
+      return None
+    p = rope_parameters(self.config)
+    return int(p["original_max_position_embeddings"]) if p["rope_type"] == "longrope" else None
+
   def generate(self, input_ids, *args, params=None, **kwargs):
     if not self.scan_layers:
       return super().generate(input_ids, *args, params=params, **kwargs)

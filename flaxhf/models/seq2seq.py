@@ -250,10 +250,21 @@ class Seq2SeqPreTrainedModel(EncoderDecoderHooks, FlaxPreTrainedModel):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
 
 
-class Seq2SeqLM(Seq2SeqPreTrainedModel, GenerationMixin):
-  """The generation hooks of the LM heads (flaxhf.generation drives the loop)."""
+class EncoderDecoderGeneration(GenerationMixin):
+  """What every encoder-decoder LM head decodes alike: one token per step against the cache that
+  the family's `_generation_prefill` filled (self and cross keys/values) and the encoder mask."""
 
   is_encoder_decoder = True
+
+  def _generation_step(self, params, tokens_N, state):
+    out = self.decode(tokens_N[:, None], None, encoder_attention_mask=state["encoder_mask"],
+                      decoder_attention_mask=state["mask"], past_key_values=state["cache"],
+                      params=params)
+    return out.logits[:, -1], {**state, "cache": out.past_key_values}
+
+
+class Seq2SeqLM(Seq2SeqPreTrainedModel, EncoderDecoderGeneration):
+  """The generation hooks of the LM heads (flaxhf.generation drives the loop)."""
 
   def max_encoder_positions(self):
     return self.config.max_position_embeddings
@@ -268,9 +279,3 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel, GenerationMixin):
                       decoder_position_ids=count_positions(n, p))
     state = {"cache": out.past_key_values, "mask": mask_NxS, "encoder_mask": enc_mask}
     return out.logits[:, -1], state
-
-  def _generation_step(self, params, tokens_N, state):
-    out = self.decode(tokens_N[:, None], None, encoder_attention_mask=state["encoder_mask"],
-                      decoder_attention_mask=state["mask"], past_key_values=state["cache"],
-                      params=params)
-    return out.logits[:, -1], {**state, "cache": out.past_key_values}

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import MT5Config, T5Config
 
-from flaxhf.generation import GenerationMixin
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
 from flaxhf.models.decoder import cache_kv, decoder_mask
@@ -31,7 +30,7 @@ from flaxhf.models.decoder import shift_tokens_right  # noqa: F401 -- v4 scripts
 from flaxhf.models.layers import (Embedding, Linear, RMSNorm, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
-from flaxhf.models.seq2seq import EncoderDecoderHooks
+from flaxhf.models.seq2seq import EncoderDecoderGeneration, EncoderDecoderHooks
 
 
 def relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
@@ -539,10 +538,8 @@ class FlaxT5PreTrainedModel(EncoderDecoderHooks, FlaxPreTrainedModel):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
 
 
-class T5Generation(GenerationMixin):
+class T5Generation(EncoderDecoderGeneration):
   """`generate` for the LM heads: the encoder and every cross-attention projection run once."""
-
-  is_encoder_decoder = True
 
   def _max_positions(self):
     return None  # relative positions: no learned table bounds the decoder
@@ -561,12 +558,6 @@ class T5Generation(GenerationMixin):
     # The encoder states are dropped: each layer's cross keys/values now live in the cache.
     state = {"cache": out.past_key_values, "mask": mask_NxS, "encoder_mask": enc_mask}
     return out.logits[:, -1], state
-
-  def _generation_step(self, params, tokens_N, state):
-    out = self.decode(tokens_N[:, None], None, encoder_attention_mask=state["encoder_mask"],
-                      decoder_attention_mask=state["mask"], past_key_values=state["cache"],
-                      params=params)
-    return out.logits[:, -1], {**state, "cache": out.past_key_values}
 
 
 class FlaxMT5PreTrainedModel(FlaxT5PreTrainedModel):
