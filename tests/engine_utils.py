@@ -89,3 +89,19 @@ def count_compiles(fun_name=None):
     yield compiles
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def prepared_data(cfg):
+  """(tokenizer, task data) of `cfg` as its Trainer prepares them, without building a model: what
+  a test of a CLI run needs to read the run's eval rows back."""
+  from transformers import AutoTokenizer
+
+  from flaxhf.models import io
+  from flaxhf.train.tasks import get_task
+  tokenizer = AutoTokenizer.from_pretrained(io.resolve_model_dir(cfg.model.tokenizer or cfg.model.name_or_path))
+  return tokenizer, get_task(cfg).prepare(tokenizer)
+
+
+def eval_on_start_metrics(workdir):
+  """The step-0 eval of a run with train.eval_on_start: the untrained model's numbers."""
+  return next(r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"), "eval") if r["step"] == 0)

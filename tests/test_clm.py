@@ -350,23 +350,21 @@ def _cli_overrides(family="gpt2", **extra):
 
 
 def _train_cli(data_dir, workdir, overrides, timeout, arg="tinyshakespeare,local"):
-  """launch/run.py on one CPU device; (untrained eval metrics of the same run, trained ones)."""
+  """launch/run.py on one CPU device; (tokenizer, the run's eval data, the untrained model's eval
+  metrics (the run's own step-0 eval), the trained ones)."""
+  from engine_utils import eval_on_start_metrics, prepared_data
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  overrides = {**overrides, "train.eval_on_start": True}
   cmd = [sys.executable, "launch/run.py", "--config", f"configs/clm.py:{arg}",
          "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   trained = json.load(open(workdir / "eval_results.json"))
-  # The same config's untrained model (same seed: the run's step-0 weights), scored here.
   cfg = _config(arg, **overrides)
   cfg.data.train_file = str(data_dir / "language_modeling" / "tinyshakespeare" / "input.txt")
-  trainer = _trainer(cfg, workdir.parent / (workdir.name + "_untrained"))
-  try:
-    untrained = trainer.evaluate()
-  finally:
-    trainer.ckpt.close()
-  return trainer, untrained, trained
+  tokenizer, data = prepared_data(cfg)
+  return tokenizer, data, eval_on_start_metrics(workdir), trained
 
 
 def _assert_generation_matches_pytorch(export_dir, prompts, new_tokens):
@@ -392,8 +390,8 @@ def _assert_generation_matches_pytorch(export_dir, prompts, new_tokens):
 def test_tinyshakespeare_from_scratch_cli(family, data_dir, tmp_path):
   import time
   start = time.perf_counter()
-  trainer, untrained, trained = _train_cli(data_dir, tmp_path / "run", _cli_overrides(family), 600,
-                                           arg=f"tinyshakespeare,local,family={family}")
+  tok, data, untrained, trained = _train_cli(data_dir, tmp_path / "run", _cli_overrides(family), 600,
+                                             arg=f"tinyshakespeare,local,family={family}")
   print(f"tinyshakespeare CI {family}: untrained {untrained}, trained {trained}, "
         f"{time.perf_counter() - start:.0f} s")
   assert untrained["perplexity"] > 30_000  # near-uniform over 50257 tokens
@@ -402,11 +400,10 @@ def test_tinyshakespeare_from_scratch_cli(family, data_dir, tmp_path):
   # The logged samples are the final model's greedy text, and PyTorch generates the same from the export.
   from engine_utils import read_jsonl
   samples = read_jsonl(tmp_path / "run" / "metrics.jsonl", "samples")[-1]["samples"]
-  blocks = trainer.data.eval.seqs["input_ids"]
+  blocks = data.eval.seqs["input_ids"]
   rows = np.linspace(0, len(blocks) - 1, len(samples)).astype(int)
   prompts = np.stack([blocks[r][:16] for r in rows])
   got = _assert_generation_matches_pytorch(tmp_path / "run" / "export", prompts, 16)
-  tok = trainer.tokenizer
   assert [s["prompt"] for s in samples] == [tok.decode(p) for p in prompts]
   assert [s["generated"] for s in samples] == [tok.decode(g[16:]) for g in got]
 
@@ -418,10 +415,10 @@ def test_tinyshakespeare_gpt2_from_scratch_cli_longer(data_dir, tmp_path):
   # 0.177), 20 min on 2 busy cores.
   overrides = {"data.max_eval_samples": 128, "train.eval_every": 0, "train.log_every": 50,
                "train.progress_bar": False, "mesh.data": 1}
-  trainer, untrained, trained = _train_cli(data_dir, tmp_path / "run", overrides, 3600)
+  _, data, untrained, trained = _train_cli(data_dir, tmp_path / "run", overrides, 3600)
   print(f"tinyshakespeare slow: untrained {untrained}, trained {trained}")
   assert untrained["perplexity"] > 30_000
   assert trained["perplexity"] < 400 and trained["accuracy"] > 0.15
-  blocks = trainer.data.eval.seqs["input_ids"]
+  blocks = data.eval.seqs["input_ids"]
   prompts = np.stack([blocks[r][:24] for r in (0, 40, 80, 120)])
   _assert_generation_matches_pytorch(tmp_path / "run" / "export", prompts, 32)

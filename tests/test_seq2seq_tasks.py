@@ -394,30 +394,28 @@ def _run(cmd, data_dir, timeout):
 
 
 def _train_cli(data_dir, tmp_path, config_arg, which, tokenizer_cmd, overrides, timeout):
-  """Trains a tokenizer with the command, then a model through launch/run.py; (trainer of the
-  same config at step 0, its untrained eval metrics, the trained eval_results.json)."""
+  """Trains a tokenizer with the command, then a model through launch/run.py; ((tokenizer, the
+  run's prepared data), the untrained model's eval metrics (the run's own step-0 eval), the
+  trained eval_results.json)."""
+  from engine_utils import eval_on_start_metrics, prepared_data
   tok_dir = tmp_path / "tokenizer"
   _run(["launch/train_tokenizer.py", *tokenizer_cmd, "--out", str(tok_dir)], data_dir, 120)
-  overrides = {"model.tokenizer": str(tok_dir), **overrides}
+  overrides = {"model.tokenizer": str(tok_dir), "train.eval_on_start": True, **overrides}
   workdir = tmp_path / "run"
   _run(["launch/run.py", "--config", f"configs/{which}.py:{config_arg}", "--workdir", str(workdir),
         *(f"--config.{k}={v}" for k, v in overrides.items())], data_dir, timeout)
   trained = json.load(open(workdir / "eval_results.json"))
   cfg = _config(which, config_arg, **overrides)  # FLAXHF_DATA is the same folder here
-  trainer = _trainer(cfg, tmp_path / "untrained")
-  try:
-    untrained = trainer.evaluate()
-  finally:
-    trainer.ckpt.close()
-  return trainer, untrained, trained
+  return prepared_data(cfg), eval_on_start_metrics(workdir), trained
 
 
-def _assert_export_generates_the_same(export_dir, trainer, rows, kw):
+def _assert_export_generates_the_same(export_dir, prepared, rows, kw):
   """PyTorch generate on the export == flaxhf generate on the export == the run's predictions."""
   import torch
   import transformers
   from flaxhf import FlaxAutoModelForSeq2SeqLM
-  ev, pad = trainer.data.eval, trainer.tokenizer.pad_token_id
+  tokenizer, data = prepared
+  ev, pad = data.eval, tokenizer.pad_token_id
   length = max(len(ev.seqs["input_ids"][r]) for r in rows)
   ids = np.full((len(rows), length), pad, np.int64)
   mask = np.zeros_like(ids)
@@ -433,7 +431,7 @@ def _assert_export_generates_the_same(export_dir, trainer, rows, kw):
   np.testing.assert_array_equal(got, want)
   lines = open(os.path.join(os.path.dirname(export_dir), "generated_predictions.txt"),
                encoding="utf-8").read().split("\n")[:-1]
-  texts = trainer.tokenizer.batch_decode(got, skip_special_tokens=True)
+  texts = tokenizer.batch_decode(got, skip_special_tokens=True)
   assert [lines[r] for r in rows] == [t.strip() for t in texts]
   return texts
 
@@ -454,7 +452,7 @@ def test_translation_tatoeba_from_scratch_cli(data_dir, tmp_path):
   start = time.perf_counter()
   tatoeba = str(data_dir / "translation" / "tatoeba_en_ro" / "train.json")
   # The first 5% of Tatoeba is the eval slice: the tokenizer trains on the rest.
-  trainer, untrained, trained = _train_cli(
+  prepared, untrained, trained = _train_cli(
       data_dir, tmp_path, "local,smoke,family=t5", "translation",
       ["--train_file", tatoeba, "--fields", "translation.en,translation.ro", "--family", "t5",
        "--vocab_size", "3000", "--skip_rows", "501"],
@@ -467,7 +465,7 @@ def test_translation_tatoeba_from_scratch_cli(data_dir, tmp_path):
   assert untrained["bleu"] < 0.5 and untrained["chrf"] < 5
   # Measured (2 cores): loss 8.58 -> 5.55, BLEU 0.0 -> 0.41, chrF 0.0 -> 4.2, gen_len 0 -> 10.8.
   assert trained["bleu"] > 0.2 and trained["chrf"] > 3 and trained["loss"] < untrained["loss"] - 2
-  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer, [0, 5, 50, 159],
+  _assert_export_generates_the_same(tmp_path / "run" / "export", prepared, [0, 5, 50, 159],
                                     {"max_new_tokens": 32})
 
 
@@ -476,7 +474,7 @@ def test_translation_multi30k_from_scratch_cli(data_dir, tmp_path, size):
   start = time.perf_counter()
   steps, eval_rows = {"ci": (120, 64), "full": (300, 128)}[size]
   multi30k = str(data_dir / "translation" / "multi30k_de_en" / "train.{lang}.gz")
-  trainer, untrained, trained = _train_cli(
+  prepared, untrained, trained = _train_cli(
       data_dir, tmp_path, "local,smoke,multi30k,family=bart", "translation",
       ["--train_file", multi30k, "--fields", "translation.de,translation.en", "--family", "bart",
        "--vocab_size", "3000"],
@@ -497,7 +495,7 @@ def test_translation_multi30k_from_scratch_cli(data_dir, tmp_path, size):
     # learnt caption words, not yet to stop). Steps are cheap here (~0.3 s); compiles are not.
     assert trained["loss"] < untrained["loss"] - 2
     assert trained["chrf"] > untrained["chrf"] + 3 and trained["bleu"] > untrained["bleu"] + 0.3
-  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer,
+  _assert_export_generates_the_same(tmp_path / "run" / "export", prepared,
                                     [0, 5, 50, eval_rows - 1], {"max_new_tokens": 40})
 
 
@@ -508,7 +506,7 @@ def test_summarization_dialogsum_from_scratch_cli(data_dir, tmp_path, size):
   # word), so CI keeps the 200 steps and scores half the eval rows.
   steps, eval_rows = {"ci": (200, 48), "full": (200, 96)}[size]
   dialogsum = data_dir / "summarization" / "dialogsum"
-  trainer, untrained, trained = _train_cli(
+  prepared, untrained, trained = _train_cli(
       data_dir, tmp_path, "local,smoke,family=bart", "summarization",
       ["--train_file", str(dialogsum / "dialogsum.train.jsonl"), "--fields", "dialogue,summary",
        "--family", "bart", "--vocab_size", "3000", "--max_rows", "3000"],
@@ -523,5 +521,5 @@ def test_summarization_dialogsum_from_scratch_cli(data_dir, tmp_path, size):
   # rows; on the first 48: loss 4.22, ROUGE-1 10.5, ROUGE-L 8.8, Lsum 9.4.
   assert trained["rouge1"] > 8 and trained["rougeL"] > 7 and trained["rougeLsum"] > 7
   assert trained["loss"] < untrained["loss"] - 2
-  _assert_export_generates_the_same(tmp_path / "run" / "export", trainer, [0, 7, eval_rows - 1],
+  _assert_export_generates_the_same(tmp_path / "run" / "export", prepared, [0, 7, eval_rows - 1],
                                     {"max_new_tokens": 40})
