@@ -24,7 +24,7 @@ def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   cfg.data.validation_file = str(data_dir / "text_classification/glue/SST-2/dev.tsv")
   cfg.data.max_train_samples = 4000
   cfg.data.max_eval_samples = 256  # dev's first 256 sentences: chance ~0.5 +- 0.03
-  cfg.data.max_length = 64
+  cfg.data.max_length = 32  # SST-2 train phrases are short; a few dev sentences are cut
   cfg.train.steps = 60
   cfg.train.batch_size = 32
   cfg.train.learning_rate = 2e-4
@@ -35,7 +35,7 @@ def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   cfg.checkpoint.every_steps = 1000
   cfg.mesh.data = 1  # 8 simulated devices share 2 cores: one device is faster here
   results = engine.run(cfg, str(tmp_path), devices=jax.devices()[:1])
-  # Chance is ~0.51 on SST-2 dev; 60 steps of 32 take MiniLM well past it.
+  # Chance is ~0.51 on SST-2 dev; 60 steps of 32 take MiniLM well past it (measured 0.805).
   assert results["accuracy"] > 0.75, results
   losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
   assert losses[-1] < losses[0] - 0.2
@@ -50,7 +50,7 @@ def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   torch_logits, flax_logits = [], []
   with torch.no_grad():
     for i in range(0, len(texts), 128):
-      enc = tok(texts[i:i + 128], padding="max_length", truncation=True, max_length=64,
+      enc = tok(texts[i:i + 128], padding="max_length", truncation=True, max_length=32,
                 return_tensors="np")  # one shape: one flaxhf compile
       torch_logits.append(model(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy())
       flax_logits.append(np.asarray(flax_model(**enc).logits))
