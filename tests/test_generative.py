@@ -572,15 +572,18 @@ def _check_seq2seq_cache(family, model):
   logits = model.decode(extra[::-1], None if row.cache_holds_cross else states[::-1],
                         encoder_attention_mask=enc_mask[::-1], decoder_attention_mask=cache_mask,
                         past_key_values=_reorder(cache)).logits
-  want = model(ids, attention_mask=enc_mask, decoder_input_ids=np.concatenate([dec, extra], 1)).logits
-  np.testing.assert_allclose(np.asarray(logits)[::-1, 0], np.asarray(want)[:, -1], atol=1e-5, rtol=1e-5)
+  want = logits_of(model, input_ids=ids, attention_mask=enc_mask,
+                   decoder_input_ids=np.concatenate([dec, extra], 1))
+  np.testing.assert_allclose(np.asarray(logits)[::-1, 0], want[:, -1], atol=1e-5, rtol=1e-5)
 
   # Generation's path: the prefill caches the encoder's keys/values; the steps never project them
   # again, so they give the same logits with the cross-attention k/v projections set to NaN.
   n, p = 2, 3
-  logits, state = model._generation_prefill(
-      model.params, jnp.asarray(dec[:, :p]), jnp.ones((n, p), jnp.int32), max_length,
-      {"input_ids": ids, "attention_mask": enc_mask})
+  # Compiled, as generate runs them (op by op, T5's steps alone took tens of seconds).
+  prefill = jax.jit(model._generation_prefill, static_argnums=3)
+  gen_step = jax.jit(model._generation_step)
+  logits, state = prefill(model.params, jnp.asarray(dec[:, :p]), jnp.ones((n, p), jnp.int32),
+                          max_length, {"input_ids": ids, "attention_mask": enc_mask})
   np.testing.assert_allclose(np.asarray(logits), full[:, p - 1], atol=1e-5, rtol=1e-5)
   kv = (f"{row.cross_attention}.k", f"{row.cross_attention}.v")
   poisoned = {k: (np.full_like(v, np.nan) if any(s in k for s in kv) else v)
@@ -589,9 +592,9 @@ def _check_seq2seq_cache(family, model):
   assert sum(k.endswith("weight") and np.isnan(v).all() for k, v in poisoned.items()) == 2 * layers
   poisoned = model._params_from_state_dict(poisoned)
   for t in range(p, 8):
-    logits, state = model._generation_step(poisoned, jnp.asarray(dec[:, t]), state)
+    logits, state = gen_step(poisoned, jnp.asarray(dec[:, t]), state)
     np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-5, rtol=1e-5)
-  logits, _ = model._generation_step(poisoned, jnp.asarray(dec[::-1, 8]), _reorder(state))
+  logits, _ = gen_step(poisoned, jnp.asarray(dec[::-1, 8]), _reorder(state))
   np.testing.assert_allclose(np.asarray(logits), full[::-1, 8], atol=1e-5, rtol=1e-5)
 
 
