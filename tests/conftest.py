@@ -54,13 +54,29 @@ _SHARED_GROUP = {"test_faults": "test_cluster"}
 
 
 def pytest_collection_modifyitems(config, items):
-  """Heavy modules first; under xdist each module is one group (--dist loadgroup), so a module's
-  fixtures are built once."""
+  """Heavy modules first (the scheduler below hands out modules in this order)."""
   def rank(item):
     name = item.module.__name__
     return _HEAVY_FIRST.index(name) if name in _HEAVY_FIRST else len(_HEAVY_FIRST)
   items.sort(key=rank)  # stable: the order inside a module is unchanged
-  if config.pluginmanager.hasplugin("xdist"):
-    for item in items:
-      name = item.module.__name__
-      item.add_marker(pytest.mark.xdist_group(_SHARED_GROUP.get(name, name)))
+
+
+def _module_group(nodeid):
+  module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+  return _SHARED_GROUP.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadgroup`: each test module (or _SHARED_GROUP) runs whole on one worker, so its
+  module-scoped fixtures are built once. xdist 3.8's own loadgroup reads groups from node ids it
+  rewrites through Item._nodeid, which pytest 9 no longer reads: every test became its own group
+  (module fixtures were built on both workers)."""
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ModuleScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _module_group(nodeid)
+
+  return ModuleScheduling(config, log)
