@@ -1,6 +1,6 @@
 """Decode throughput: flaxhf `model.generate` vs transformers PyTorch `generate`, same weights, one run.
 
-  python benchmarks/generate.py [--model gpt2|marian|t5|bart[,...]] [--size small|tiny]
+  python benchmarks/generate.py [--model gpt2|smollm|marian|t5|bart[,...]] [--size small|tiny]
       [--cases b1-greedy,b8-greedy,b1-beam4,b8-beam4] [--prompt_len 32] [--new_tokens N]
       [--reps 2] [--breakdown] [--memory [both|flaxhf]]
 
@@ -8,6 +8,8 @@ Models, random weights, fp32 (`--size small`; `--size tiny`, 2 layers x 64 and v
 each model in seconds):
   gpt2    GPT-2 small (GPT2Config() defaults: 12 x 768, vocab 50257, 124M parameters); 128 new
           tokens.
+  smollm  a Llama at SmolLM-135M's shape (30 x 576, 9 query / 3 KV heads, MLP 1536, vocab 49152,
+          tied embeddings); 128 new tokens.
   marian  opus-mt-en-de's shape: 6+6 layers x 512, 8 heads, ffn 2048, vocab 58101, swish, static
           sinusoidal positions, scaled embeddings shared by encoder, decoder and LM head, decoder
           start = pad; default case b32-beam4; 64 new tokens.
@@ -48,6 +50,8 @@ from benchmarks import machine  # noqa: E402
 MODELS = {
     "gpt2": ("GPT2LMHeadModel", "FlaxGPT2LMHeadModel", "b1-greedy,b8-greedy,b1-beam4,b8-beam4",
              128),
+    "smollm": ("LlamaForCausalLM", "FlaxLlamaForCausalLM", "b1-greedy,b8-greedy,b1-beam4,b8-beam4",
+               128),
     "marian": ("MarianMTModel", "FlaxMarianMTModel", "b32-beam4", 64),
     "t5": ("T5ForConditionalGeneration", "FlaxT5ForConditionalGeneration",
            "b1-greedy,b8-greedy,b1-beam4,b8-beam4", 64),
@@ -75,6 +79,13 @@ def model_config(name, size):
       return transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000,
                                      n_positions=256, bos_token_id=999, eos_token_id=999)
     return transformers.GPT2Config()
+  if name == "smollm":
+    from benchmarks.train_step import smollm_config
+    config = smollm_config()
+    if tiny:
+      config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    return config
   if name == "marian":  # Helsinki-NLP/opus-mt-en-de's config.json, special ids included
     d, n, h, f, v = (64, 2, 2, 128, 1000) if tiny else (512, 6, 8, 2048, 58101)
     return transformers.MarianConfig(
@@ -100,6 +111,10 @@ def describe(name, config, size):
   if name == "gpt2":
     return (f"GPT-2 {size}: {config.n_layer} x {config.n_embd}, {config.n_head} heads, vocab "
             f"{config.vocab_size}")
+  if name == "smollm":
+    return (f"Llama at SmolLM-135M's shape ({size}): {config.num_hidden_layers} x "
+            f"{config.hidden_size}, {config.num_attention_heads} / {config.num_key_value_heads} "
+            f"KV heads, MLP {config.intermediate_size}, vocab {config.vocab_size}")
   if name == "t5":
     return (f"T5 {size}: {config.num_layers}+{config.num_decoder_layers} x {config.d_model}, "
             f"{config.num_heads} heads, d_ff {config.d_ff}, vocab {config.vocab_size}")
@@ -149,7 +164,7 @@ def settings(num_beams, new_tokens):
 def prompts(rng, name, config, batch, length):
   """Random prompt ids; an encoder-decoder's avoid the low special ids and the last one (Marian's
   pad), so no source token is read as padding."""
-  if name == "gpt2":
+  if not config.is_encoder_decoder:
     return rng.randint(0, config.vocab_size, (batch, length)).astype(np.int32)
   return rng.randint(3, config.vocab_size - 1, (batch, length)).astype(np.int32)
 

@@ -1,12 +1,13 @@
 """Train-step throughput: flaxhf vs PyTorch transformers, same model, batch, dtype, in one run.
 
-  python benchmarks/train_step.py [--models bert-base,minilm,gpt2,t5-small,bart-base]
+  python benchmarks/train_step.py [--models bert-base,minilm,gpt2,t5-small,bart-base,smollm]
       [--dtypes float32,bfloat16] [--steps 5] [--skip_torch]
 
 Prints the machine header (benchmarks/machine.py: CPU, cores, flags, versions, GEMM peaks), then
 tokens/s and MFU against the GEMM peak measured here (the best of a JAX and a torch fp32 matmul),
 for BERT-base (16x128, sequence classification), MiniLM (32x128), GPT-2 small (8x256, causal LM
-loss), and T5-small / BART-base (16 x 128 source + 32 target tokens, conditional generation with
+loss), a Llama at SmolLM-135M's shape (`smollm`: 30 layers x 576, 9 query / 3 KV heads, MLP 1536,
+vocab 49152, tied embeddings; random weights; 8x256, causal LM loss), and T5-small / BART-base (16 x 128 source + 32 target tokens, conditional generation with
 labels; tok/s counts source and target tokens). Both sides: AdamW, gradient clipping 1.0, the same
 batch every step. The flaxhf step is the engine's (engine.make_train_step with the task a user
 trains: CausalLM, TextClassification, or the seq2seq Translation task, which shifts the labels
@@ -26,10 +27,21 @@ import numpy as np  # noqa: E402
 from benchmarks import machine  # noqa: E402
 
 SHAPES = {"bert-base": (16, 128), "minilm": (32, 128), "gpt2": (8, 256), "t5-small": (16, 128),
-          "bart-base": (16, 128)}
+          "bart-base": (16, 128), "smollm": (8, 256)}
+CAUSAL = ("gpt2", "smollm")  # causal LM loss on the input ids
 TARGET_LEN = {"t5-small": 32, "bart-base": 32}  # the encoder-decoders' label length
 TORCH_CLASS = {"gpt2": "GPT2LMHeadModel", "t5-small": "T5ForConditionalGeneration",
-               "bart-base": "BartForConditionalGeneration"}
+               "bart-base": "BartForConditionalGeneration", "smollm": "LlamaForCausalLM"}
+
+
+def smollm_config():
+  """SmolLM-135M's config.json (HuggingFaceTB/SmolLM-135M): a Llama of 30 x 576."""
+  import transformers
+  return transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+      bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def model_config(name):
@@ -39,6 +51,8 @@ def model_config(name):
     return transformers.AutoConfig.from_pretrained(minilm_path(), num_labels=2)
   if name == "gpt2":
     return transformers.GPT2Config()  # GPT-2 small: 12 x 768, vocab 50257, 124M params
+  if name == "smollm":
+    return smollm_config()
   if name == "t5-small":
     # 6+6 x 512, 8 heads, d_ff 2048, vocab 32128, 60M params; decoding starts from pad, as
     # t5-small's config.json says (T5Config itself leaves the start id unset).
@@ -57,6 +71,10 @@ def train_flops(name, config, batch, length):
     d, n = config.n_embd, config.n_layer
     f = config.n_inner or 4 * d
     matmul_params = n * (4 * d * d + 2 * d * f) + d * config.vocab_size  # layers + tied LM head
+  elif name == "smollm":  # GQA: k and v project to the KV heads only; a gated MLP of three
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    matmul_params = n * (2 * d * d + 2 * d * kv + 3 * d * f) + d * config.vocab_size
   else:
     d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     matmul_params = n * (4 * d * d + 2 * d * f) + d * d + 2 * d  # layers + pooler + classifier
@@ -90,7 +108,7 @@ def batch_arrays(name, batch, length):
           "attention_mask": np.ones((batch, length), np.int32)}
   if name in TARGET_LEN:  # no -100: every label token counts, on both sides
     data["labels"] = rng.randint(1000, 30000, (batch, TARGET_LEN[name])).astype(np.int32)
-  elif name != "gpt2":
+  elif name not in CAUSAL:
     data["token_type_ids"] = np.zeros((batch, length), np.int32)
     data["labels"] = rng.randint(0, 2, (batch,)).astype(np.int32)
   return data
@@ -100,7 +118,7 @@ def flaxhf_model_and_task(name, config, dtype):
   import jax.numpy as jnp
   from flaxhf.models import auto
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  if name == "gpt2":
+  if name in CAUSAL:
     from configs.clm import get_config
     from flaxhf.train.tasks_clm import CausalLM
     cfg = get_config("smoke")
@@ -152,7 +170,7 @@ def torch_step_time(name, config, batch, length, dtype, steps):
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
   inputs = {k: torch.tensor(v, dtype=torch.long)
             for k, v in batch_arrays(name, batch, length).items()}
-  if name == "gpt2":
+  if name in CAUSAL:
     inputs["labels"] = inputs["input_ids"]  # transformers shifts them: the same loss as CausalLM
 
   def one():

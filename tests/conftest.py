@@ -66,6 +66,7 @@ def _module_group(nodeid):
   return _SHARED_GROUP.get(module, module)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown with -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadgroup`: each test module (or _SHARED_GROUP) runs whole on one worker, so its
   module-scoped fixtures are built once. xdist 3.8's own loadgroup reads groups from node ids it

@@ -312,17 +312,18 @@ def test_unknown_layer_type_is_named():
     flaxhf.FlaxQwen2Model(config, _do_init=False)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_scan_and_remat_equal_the_layer_loop(family):
-  """Scanned, rematerialised layers (the sliding window, and Gemma 3's rope, differ by layer, so
-  the scanned layer looks them up by the traced layer index) give the loop's logits."""
+  """Scanned, rematerialised layers give the loop's logits, for every family (Qwen2's sliding
+  window and Gemma 3's rope differ by layer, so the scanned layer looks them up by the traced
+  layer index)."""
   pt = torch_model(family)
   ids, mask = left_padded((9, 4), 9, seed=4)
   want = np.asarray(flax_lm(family)(ids, attention_mask=mask).logits)
   scanned = REGISTRY["causal_lm"][pt.config.model_type](pt.config, _do_init=False, scan_layers=True,
                                                         remat="nothing_saveable")
   scanned.params = scanned._params_from_state_dict({k: v.numpy() for k, v in pt.state_dict().items()})
-  assert flatten(scanned.params)["model.layers.mlp.up_proj.weight"].shape[0] == 3
+  assert flatten(scanned.params)["model.layers.mlp.down_proj.weight"].shape[0] == pt.config.num_hidden_layers
   np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=mask).logits), want, atol=1e-5)
 
 

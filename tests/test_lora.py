@@ -65,6 +65,17 @@ FAMILIES = {
         flaxhf.FlaxLlamaForCausalLM, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"]),
         lambda: make_inputs("gpt2", "causal_lm")),
+    # Phi-3's fused qkv_proj / gate_up_proj (peft has no default for it: named here).
+    "phi3": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)),
+        flaxhf.FlaxPhi3ForCausalLM, dict(target_modules=["qkv_proj", "gate_up_proj"]),
+        lambda: make_inputs("gpt2", "causal_lm")),
+    # Gemma 2 with peft's default targets (q_proj, v_proj) and its soft-capped logits.
+    "gemma2": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        pad_token_id=0)), flaxhf.FlaxGemma2ForCausalLM, {}, lambda: make_inputs("gpt2", "causal_lm")),
 }
 
 
