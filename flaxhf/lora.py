@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flaxhf.models.layers import Conv1D, Linear
+from flaxhf.models.layers import Conv1D, Linear, dropout
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN = (
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -353,8 +353,7 @@ class Lora:
       a = m.get_variable("params", "lora_A")["weight"].astype(m.dtype)
       b = m.get_variable("params", "lora_B")["weight"].astype(m.dtype)
       if not deterministic and rate > 0.0:
-        keep = jax.random.bernoulli(m.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(m.dtype)
+        x = dropout(x, rate, m.make_rng("dropout"))
       h_r = jnp.einsum("...i,ri->...r", x, a)
       return y + (s * jnp.einsum("...r,or->...o", h_r, b)).astype(y.dtype)
 

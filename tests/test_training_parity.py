@@ -255,3 +255,29 @@ def test_dropout_matches_pytorch_in_distribution(arch, task, site, tmp_path):
   print(f"variance ratio flaxhf / PyTorch: {got.var(0).sum() / want.var(0).sum():.4f}")
   assert got.var(0).sum() / want.var(0).sum() == pytest.approx(1, abs=0.04)
   np.testing.assert_allclose(got.std(0), want.std(0), rtol=0.1)
+
+
+def test_dropout_mask_rate_independence_and_expectation():
+  """flaxhf's dropout draws 16 bits per decision, two from each 32-bit word: the keep rate is the
+  configured one (to 1/65536) within sampling error, the two halves of a word are uncorrelated,
+  the expectation is kept, and the mask depends on the key only."""
+  from flaxhf.models.layers import dropout, dropout_keep
+  for rate in (0.1, 0.37, 0.5):
+    keep, scale = dropout_keep(jax.random.key(0), rate, (64, 12, 33, 129))  # an odd last axis
+    k = np.asarray(keep)
+    assert k.shape == (64, 12, 33, 129) and k.dtype == bool
+    p = 1.0 - rate
+    assert abs(k.mean() - p) < 5 * np.sqrt(p * (1 - p) / k.size), (rate, k.mean())
+    assert scale * round(p * 65536) == pytest.approx(65536, rel=1e-12)
+    first, second = k[..., 0:128:2].ravel(), k[..., 1:129:2].ravel()  # the halves of one word
+    assert abs(np.corrcoef(first, second)[0, 1]) < 5 / np.sqrt(first.size)
+    rows = k.reshape(-1, 129)  # and neighbouring rows, drawn from neighbouring words
+    assert abs(np.corrcoef(rows[:-1].ravel(), rows[1:].ravel())[0, 1]) < 5 / np.sqrt(rows.size)
+  x = jnp.ones((1000, 1000))
+  y = np.asarray(dropout(x, 0.1, jax.random.key(1)))
+  assert set(np.unique(y)) == {0.0, np.float32(65536 / round(0.9 * 65536))}
+  assert abs(y.mean() - 1.0) < 5 * np.sqrt(0.1 / 0.9 / y.size)
+  np.testing.assert_array_equal(y, np.asarray(dropout(x, 0.1, jax.random.key(1))))
+  assert (y != np.asarray(dropout(x, 0.1, jax.random.key(2)))).mean() > 0.1
+  assert dropout(x, 0.0, jax.random.key(1)) is x
+  assert not np.asarray(dropout(x, 1.0, jax.random.key(1))).any()

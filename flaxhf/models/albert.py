@@ -12,7 +12,7 @@ from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
 from flaxhf.models.bert import BertEmbeddings
-from flaxhf.models.layers import (LayerNorm, Linear, attention_bias, constrain,
+from flaxhf.models.layers import (Dropout, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
 
@@ -33,7 +33,7 @@ class AlbertLayer(nn.Module):
     ctx, probs = dot_product_attention(q, k, v, bias, dropout_rate=c.attention_probs_dropout_prob,
                                        deterministic=deterministic, module=self, dtype=d)
     a = Linear(c.hidden_size, ("embed", "heads"), std, dtype=d, name="attention.dense")(merge_heads(ctx))
-    a = nn.Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
+    a = Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
     x = LayerNorm(c.layer_norm_eps, dtype=d, name="attention.LayerNorm")(x_BxLxE + a)
     m = Linear(c.intermediate_size, ("mlp", "embed"), std, dtype=d, name="ffn")(x)
     m = get_activation(c.hidden_act)(m)

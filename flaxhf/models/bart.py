@@ -27,7 +27,7 @@ from flaxhf.models.decoder import cache_kv, count_positions, decoder_mask
 # v4 scripts import shift_tokens_right from the model's module (flaxhf.models.marian re-exports it).
 from flaxhf.models.decoder import shift_tokens_right  # noqa: F401
 from flaxhf.models.seq2seq import Seq2SeqLM, Seq2SeqPreTrainedModel
-from flaxhf.models.layers import (Embedding, LayerNorm, Linear, attention_bias, constrain,
+from flaxhf.models.layers import (Dropout, Embedding, LayerNorm, Linear, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
 
@@ -122,7 +122,7 @@ def _sublayer(module, x, fn, norm_name, deterministic):
   norm = LayerNorm(_EPS, dtype=module.dtype, name=norm_name)
   pre = FLAVORS[c.model_type].pre_norm
   y, extra = fn(norm(x) if pre else x)
-  y = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
+  y = x + Dropout(c.dropout)(y, deterministic=deterministic)
   return (y if pre else norm(y)), extra
 
 
@@ -132,7 +132,7 @@ def _feed_forward(module, ffn_dim, deterministic):
   def ffn(x):
     h = get_activation(c.activation_function)(
         Linear(ffn_dim, ("mlp", "embed"), c.init_std, dtype=d, name="fc1")(x))
-    h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
+    h = Dropout(c.activation_dropout)(h, deterministic=deterministic)
     return Linear(c.d_model, ("embed", "mlp"), c.init_std, dtype=d, name="fc2")(h), None
   return ffn
 
@@ -192,7 +192,7 @@ def _embed(module, ids_BxL, position_ids_BxL, vocab_size, deterministic):
                       std=c.init_std, dtype=d, name="embed_positions")(position_ids_BxL + _POSITION_OFFSET)
   if flavor.layernorm_embedding:
     x = LayerNorm(_EPS, dtype=d, name="layernorm_embedding")(x)
-  return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+  return Dropout(c.dropout)(x, deterministic=deterministic)
 
 
 def _layerdrop(module, x_old, x_new, rate, deterministic):
@@ -382,7 +382,7 @@ class BartClassificationHead(nn.Module):
   @nn.compact
   def __call__(self, x_BxE, deterministic):
     c = self.config
-    drop = nn.Dropout(c.classifier_dropout or 0.0)
+    drop = Dropout(c.classifier_dropout or 0.0)
     x = drop(x_BxE, deterministic=deterministic)
     x = jnp.tanh(Linear(c.d_model, (None, "embed"), c.init_std, dtype=self.dtype, name="dense")(x))
     x = drop(x, deterministic=deterministic)

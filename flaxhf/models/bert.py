@@ -13,7 +13,7 @@ from transformers import BertConfig, ElectraConfig, RobertaConfig
 from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, LayerStack, Linear, attention_bias,
+from flaxhf.models.layers import (Dropout, Embedding, LayerNorm, LayerStack, Linear, attention_bias,
                                   constrain, dot_product_attention, get_activation, layer_stack,
                                   merge_heads, split_heads)
 
@@ -46,7 +46,7 @@ class BertEmbeddings(nn.Module):
     x = x + Embedding(c.type_vocab_size, dim, axes=(None, "embed"), std=std, dtype=d,
                       name="token_type_embeddings")(token_type_ids)
     x = LayerNorm(c.layer_norm_eps, dtype=d, name="LayerNorm")(x)
-    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertLayer(nn.Module):
@@ -68,12 +68,12 @@ class BertLayer(nn.Module):
                                        deterministic=deterministic, module=self, dtype=d)
     a = Linear(c.hidden_size, ("embed", "heads"), std, dtype=d,
                name="attention.output.dense")(merge_heads(ctx))
-    a = nn.Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
+    a = Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
     x = LayerNorm(c.layer_norm_eps, dtype=d, name="attention.output.LayerNorm")(a + x_BxLxE)
     m = Linear(c.intermediate_size, ("mlp", "embed"), std, dtype=d, name="intermediate.dense")(x)
     m = get_activation(c.hidden_act)(m)
     m = Linear(c.hidden_size, ("embed", "mlp"), std, dtype=d, name="output.dense")(m)
-    m = nn.Dropout(c.hidden_dropout_prob)(m, deterministic=deterministic)
+    m = Dropout(c.hidden_dropout_prob)(m, deterministic=deterministic)
     out = LayerNorm(c.layer_norm_eps, dtype=d, name="output.LayerNorm")(m + x)
     return constrain(out, ("batch", "seq", "embed")), (probs if output_attentions else None)
 
@@ -131,7 +131,7 @@ class BertHead(heads.Head):
     x = self.linear(c.hidden_size, "sequence_summary.summary", (None, "embed"))(
         out.last_hidden_state[:, 0])
     x = get_activation(c.summary_activation)(x) if c.summary_activation else x
-    return nn.Dropout(c.summary_last_dropout)(x, deterministic=deterministic)
+    return Dropout(c.summary_last_dropout)(x, deterministic=deterministic)
 
   def lm_head(self):  # BertOnlyMLMHead, RobertaLMHead, ElectraGeneratorPredictions + generator_lm_head
     c = self.config
@@ -161,7 +161,7 @@ class BertForSequenceClassificationModule(BertHead, heads.SequenceClassification
     if c.model_type == "bert":
       return super().classify(out, num_outputs, deterministic)
     # RobertaClassificationHead / ElectraClassificationHead
-    drop = nn.Dropout(self.classifier_dropout())
+    drop = Dropout(self.classifier_dropout())
     x = drop(out.last_hidden_state[:, 0], deterministic=deterministic)
     x = self.linear(c.hidden_size, "classifier.dense", (None, "embed"))(x)
     x = jnp.tanh(x) if c.model_type == "roberta" else get_activation("gelu")(x)

@@ -11,7 +11,7 @@ from transformers import DistilBertConfig
 from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import model_family
-from flaxhf.models.layers import (Embedding, LayerNorm, LayerStack, Linear, attention_bias,
+from flaxhf.models.layers import (Dropout, Embedding, LayerNorm, LayerStack, Linear, attention_bias,
                                   constrain, dot_product_attention, get_activation, layer_stack,
                                   merge_heads, split_heads)
 
@@ -43,7 +43,7 @@ class DistilBertEmbeddings(nn.Module):
                       embedding_init=sinusoidal_init if c.sinusoidal_pos_embds else None, dtype=d,
                       name="position_embeddings")(position_ids)
     x = LayerNorm(_EPS, dtype=d, name="LayerNorm")(x)
-    return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    return Dropout(c.dropout)(x, deterministic=deterministic)
 
 
 class DistilBertLayer(nn.Module):
@@ -65,7 +65,7 @@ class DistilBertLayer(nn.Module):
     m = Linear(c.hidden_dim, ("mlp", "embed"), std, dtype=d, name="ffn.lin1")(x)
     m = get_activation(c.activation)(m)
     m = Linear(c.dim, ("embed", "mlp"), std, dtype=d, name="ffn.lin2")(m)
-    m = nn.Dropout(c.dropout)(m, deterministic=deterministic)
+    m = Dropout(c.dropout)(m, deterministic=deterministic)
     out = LayerNorm(_EPS, dtype=d, name="output_layer_norm")(m + x)
     return constrain(out, ("batch", "seq", "embed")), (probs if output_attentions else None)
 
@@ -114,7 +114,7 @@ class DistilBertHead(heads.Head):
     """pre_classifier -> ReLU -> dropout on the first token (sequence and choice heads)."""
     c = self.config
     x = self.linear(c.dim, "pre_classifier", (None, "embed"))(out.last_hidden_state[:, 0])
-    return nn.Dropout(c.seq_classif_dropout)(nn.relu(x), deterministic=deterministic)
+    return Dropout(c.seq_classif_dropout)(nn.relu(x), deterministic=deterministic)
 
   def lm_head(self):  # tied, vocab_projector.weight is the word embedding matrix; its bias is own
     c = self.config

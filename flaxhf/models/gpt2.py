@@ -18,7 +18,7 @@ from flaxhf.models.base import model_class
 from flaxhf.models.decoder import (CausalLM, DecoderGeneration, DecoderHead,  # noqa: F401
                                    DecoderModule, DecoderPreTrainedModel, cache_kv, decoder_mask,
                                    last_token_index, positions_from_mask)
-from flaxhf.models.layers import (Conv1D, Embedding, LayerNorm, LayerStack, attention_bias,
+from flaxhf.models.layers import (Dropout, Conv1D, Embedding, LayerNorm, LayerStack, attention_bias,
                                   constrain, dot_product_attention, get_activation,
                                   merge_heads, split_heads)
 
@@ -54,7 +54,7 @@ class GPT2Attention(nn.Module):
                                        deterministic=deterministic, module=self, dtype=d,
                                        scale=self.scale(q.shape[-1], layer_idx))
     out = Conv1D(c.n_embd, ("heads", "embed"), _proj_std(c), dtype=d, name="c_proj")(merge_heads(ctx))
-    out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
+    out = Dropout(c.resid_pdrop)(out, deterministic=deterministic)
     return out, (probs if output_attentions else None)
 
 
@@ -77,7 +77,7 @@ class GPT2Block(nn.Module):
         LayerNorm(c.layer_norm_epsilon, dtype=d, name="ln_2")(x))
     m = get_activation(c.activation_function)(m)
     m = Conv1D(c.n_embd, ("mlp", "embed"), _proj_std(c), dtype=d, name="mlp.c_proj")(m)
-    x = x + nn.Dropout(c.resid_pdrop)(m, deterministic=deterministic)
+    x = x + Dropout(c.resid_pdrop)(m, deterministic=deterministic)
     return constrain(x, ("batch", "seq", "embed")), probs
 
 
@@ -93,7 +93,7 @@ class GPT2Module(DecoderModule):
     x = Embedding(c.vocab_size, c.n_embd, std=std, dtype=d, name="wte")(input_ids)
     x = x + Embedding(c.n_positions, c.n_embd, axes=(None, "embed"), std=std, dtype=d,
                       name="wpe")(position_ids)
-    return nn.Dropout(c.embd_pdrop)(x, deterministic=deterministic), ()
+    return Dropout(c.embd_pdrop)(x, deterministic=deterministic), ()
 
   def layer(self, name):
     return GPT2Block(self.config, self.dtype, name=name)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from transformers import PretrainedConfig
 
 from flaxhf.models import outputs as O
-from flaxhf.models.layers import LayerNorm, Linear, OutputBias, get_activation
+from flaxhf.models.layers import Dropout, LayerNorm, Linear, OutputBias, get_activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Head(nn.Module):
 
   def sequence_features(self, out, deterministic):
     """What the sequence and choice classifiers read: pooler_output after dropout."""
-    return nn.Dropout(self.classifier_dropout())(out.pooler_output, deterministic=deterministic)
+    return Dropout(self.classifier_dropout())(out.pooler_output, deterministic=deterministic)
 
   def classify(self, out, num_outputs, deterministic):
     """Logits of the sequence and choice heads: `classifier` over the sequence features."""
@@ -98,7 +98,7 @@ class TokenClassification(Head):
   output_class = O.TokenClassifierOutput
 
   def predict(self, encoder, out, deterministic, shape):
-    x = nn.Dropout(self.classifier_dropout())(out.last_hidden_state, deterministic=deterministic)
+    x = Dropout(self.classifier_dropout())(out.last_hidden_state, deterministic=deterministic)
     return {"logits": self.linear(self.config.num_labels, self.token_classifier)(x)}
 
 
@@ -107,7 +107,7 @@ class QuestionAnswering(Head):
   output_class = O.QuestionAnsweringModelOutput
 
   def predict(self, encoder, out, deterministic, shape):
-    x = nn.Dropout(self.qa_dropout())(out.last_hidden_state, deterministic=deterministic)
+    x = Dropout(self.qa_dropout())(out.last_hidden_state, deterministic=deterministic)
     logits = self.linear(self.qa_num_outputs(), "qa_outputs")(x)
     return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 

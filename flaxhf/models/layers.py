@@ -188,6 +188,56 @@ def attention_bias(attention_mask, dtype):
   return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+# ---- dropout ---------------------------------------------------------------------------------------
+_KEEP_BITS = 16  # random bits per dropout decision: two decisions from each 32-bit draw
+
+
+def dropout_keep(rng, rate: float, shape) -> tuple:
+  """(keep mask of `shape`, the scale for kept values) of dropout at `rate`.
+
+  Each decision reads 16 random bits: two decisions share one 32-bit draw, half the random bits
+  (and half the hashing) of jax.random.bernoulli's one uniform float per element, which profiles
+  showed as ~10% of a BERT-size train step on CPU. The keep probability is rounded to 1/65536
+  (0.1 gives 0.099991) and the scale is its exact inverse, so the expectation is kept exactly.
+  """
+  threshold = int(round((1.0 - rate) * (1 << _KEEP_BITS)))
+  shape = tuple(shape)
+  lead, last = shape[:-1], (shape[-1] if shape else 1)
+  pairs = (last + 1) // 2
+  bits = jax.random.bits(rng, lead + (pairs,), jnp.uint32)
+  halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(lead + (2 * pairs,))
+  if 2 * pairs != last:
+    halves = halves[..., :last]
+  keep = halves.reshape(shape) < jnp.uint32(threshold)
+  return keep, (1 << _KEEP_BITS) / threshold
+
+
+def dropout(x, rate: float, rng):
+  """x with each element zeroed at `rate` and the rest scaled to keep the expectation."""
+  if rate <= 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep, scale = dropout_keep(rng, rate, x.shape)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """flax.linen.Dropout's interface (rate; deterministic at construction or call) over
+  `dropout_keep`'s cheaper mask."""
+
+  rate: float
+  deterministic: Optional[bool] = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: Optional[bool] = None, rng=None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return inputs
+    return dropout(inputs, self.rate, self.make_rng(self.rng_collection) if rng is None else rng)
+
+
 def dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bias, *, dropout_rate: float,
                           deterministic: bool, module: nn.Module, dtype, scale: Optional[float] = None,
                           softcap: Optional[float] = None, zero_unseen: bool = True):
@@ -223,8 +273,7 @@ def dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bias, *, dropout_rate
   else:
     probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = dropout(probs, dropout_rate, module.make_rng("dropout"))
   probs = probs.astype(dtype)
   if k_heads == h:
     context_BxLxHxD = jnp.einsum("bhls,bshd->blhd", probs, v_BxSxKxD)

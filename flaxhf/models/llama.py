@@ -22,7 +22,7 @@ from flaxhf.models.base import model_family
 from flaxhf.models.decoder import (CausalLM, DecoderGeneration, DecoderHead, DecoderModule,
                                    DecoderPreTrainedModel, GQAttention, check_whole_head_rotary,
                                    rope_parameters, rotary_cos_sin)
-from flaxhf.models.layers import Embedding, LayerStack, Linear, RMSNorm, constrain, get_activation
+from flaxhf.models.layers import Dropout, Embedding, LayerStack, Linear, RMSNorm, constrain, get_activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +126,7 @@ class LlamaDecoderLayer(nn.Module):
     attn = GQAttention(c, qkv_bias=f.qkv_bias, o_bias=f.o_bias, qk_norm=f.qk_norm, dtype=d,
                        fused_qkv=f.fused, name="self_attn")
     mlp = LlamaMLP(c, d, c.hidden_act, f.mlp_bias, f.fused, name="mlp")
-    resid_dropout = nn.Dropout(getattr(c, "resid_pdrop", 0.0))
+    resid_dropout = Dropout(getattr(c, "resid_pdrop", 0.0))
     h = RMSNorm(c.rms_norm_eps, dtype=d, name="input_layernorm")(x_BxTxE)
     a, probs = attn(h, attention_mask, cos_sin, window, deterministic, output_attentions, init_cache)
     x = x_BxTxE + resid_dropout(a, deterministic=deterministic)

@@ -27,7 +27,7 @@ from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, flatten, model_class
 from flaxhf.models.decoder import cache_kv, decoder_mask
 from flaxhf.models.decoder import shift_tokens_right  # noqa: F401 -- v4 scripts import it from here
-from flaxhf.models.layers import (Embedding, Linear, RMSNorm, attention_bias, constrain,
+from flaxhf.models.layers import (Dropout, Embedding, Linear, RMSNorm, attention_bias, constrain,
                                   dot_product_attention, get_activation, materialize_gradient,
                                   merge_heads, split_heads)
 from flaxhf.models.seq2seq import EncoderDecoderGeneration, EncoderDecoderHooks
@@ -83,7 +83,7 @@ class T5DenseActDense(nn.Module):
                     dtype=self.dtype, name=name)(x_BxTxD)
 
     h = act(wi("wi_0")) * wi("wi_1") if c.is_gated_act else act(wi("wi"))
-    h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
     return Linear(c.d_model, ("embed", "mlp"), f * c.d_ff ** -0.5, use_bias=False, dtype=self.dtype,
                   name="wo")(h)
 
@@ -181,7 +181,7 @@ class T5Block(nn.Module):
   def __call__(self, x_BxTxD, attention_mask, bias, encoder_BxSxD, encoder_bias, deterministic,
                init_cache):
     c, d = self.config, self.dtype
-    drop = nn.Dropout(c.dropout_rate)
+    drop = Dropout(c.dropout_rate)
 
     def norm(name):
       return T5LayerNorm(c.layer_norm_epsilon, c.initializer_factor, d, name=name)
@@ -215,7 +215,7 @@ class T5Stack(nn.Module):
                encoder_attention_mask=None, deterministic=True, output_attentions=False,
                output_hidden_states=False, init_cache=False):
     c, d = self.config, self.dtype
-    drop = nn.Dropout(c.dropout_rate)
+    drop = Dropout(c.dropout_rate)
     x = drop(self.embed_tokens(input_ids), deterministic=deterministic)
     encoder_bias = (attention_bias(encoder_attention_mask, jnp.float32) if self.is_decoder else None)
     num_layers = c.num_decoder_layers if self.is_decoder else c.num_layers
