@@ -343,7 +343,7 @@ CLI_MODELS = {"gpt2": "n_embd=64,n_layer=2,n_head=2,n_positions=64",
 
 def _cli_overrides(family="gpt2", **extra):
   return {"model.config_overrides": CLI_MODELS[family],
-          "data.block_size": 64, "data.max_eval_samples": 64, "train.steps": 150,
+          "data.block_size": 64, "data.max_eval_samples": 64, "train.steps": 100,
           "train.batch_size": 8, "train.learning_rate": 3e-3, "train.eval_every": 0,
           "train.log_every": 25, "train.progress_bar": False, "checkpoint.every_steps": 1000,
           "eval.max_new_tokens": 16, "mesh.data": 1, **extra}

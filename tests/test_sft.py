@@ -179,7 +179,7 @@ def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path)
       "model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
                                  "num_attention_heads=4,num_key_value_heads=2,"
                                  "max_position_embeddings=128"),
-      "data.max_train_samples": 1000, "data.max_eval_samples": 32, "train.steps": 150,
+      "data.max_train_samples": 1000, "data.max_eval_samples": 32, "train.steps": 90,
       "train.learning_rate": 3e-3, "train.log_every": 25, "eval.num_samples": 2,
       "eval.max_new_tokens": 12})
   print(f"SFT {family}: untrained {untrained}, trained {trained}")
@@ -247,7 +247,7 @@ def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path):
   untrained, trained, records = _run_sft_cli(f"local,model={tmp_path / 'base'}", workdir, data_dir, {
       "model.lora.r": 8, "model.lora.lora_alpha": 16, "model.lora.target_modules": "all-linear",
       "model.lora.modules_to_save": "lm_head", "data.max_train_samples": 400,
-      "data.max_eval_samples": 16, "train.steps": 60, "train.learning_rate": 1e-2,
+      "data.max_eval_samples": 16, "train.steps": 40, "train.learning_rate": 1e-2,
       "train.log_every": 20, "eval.num_samples": 1, "eval.max_new_tokens": 8})
   print(f"LoRA SFT: untrained {untrained}, trained {trained}")
   assert trained["loss"] < untrained["loss"] - 1.0, (untrained, trained)
