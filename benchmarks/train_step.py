@@ -130,7 +130,7 @@ def flaxhf_model_and_task(name, config, dtype):
     task = Translation(cfg)
     # What Seq2Seq.prepare records without a data set: the family, and a tokenizer whose size fits
     # the embeddings (configure_model reads only its length for a checkpoint's config).
-    task.tokenizer, task.model_type = range(config.vocab_size), config.model_type
+    task.tokenizer, task.family = range(config.vocab_size), task.auto_class.model_class_for(config)
     task.configure_model(config, None)
     return auto.FlaxAutoModelForSeq2SeqLM.from_config(config, dtype=jdtype), task, cfg
   from configs.text_classification import get_config

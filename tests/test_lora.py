@@ -278,20 +278,28 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(runs, tmp_path):
 
 
 def _predict(model, tokenizer, texts, **kw):
-  enc = tokenizer(texts, padding=True, return_tensors="np")
+  enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="np")  # the run's
   if isinstance(model, torch.nn.Module):
     with torch.no_grad():
       return model(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy().argmax(-1)
   return np.asarray(model(**enc, **kw).logits).argmax(-1)
 
 
-def test_cli_lora_run_learns_and_peft_predicts_the_same(runs, tmp_path):
-  import csv
+def test_cli_lora_run_learns_and_peft_predicts_the_same(minilm_path, tmp_path, data_dir):
+  """LoRA through the CLI on GLUE SST-2 (1600 train sentences, the first 128 of dev) with the
+  MiniLM checkpoint as the base: accuracy well above the untrained model's, and PyTorch + peft on
+  the base and the adapter folder predicts what flaxhf's merged export predicts."""
+  from flaxhf.data.sources import read_file
+  sst2 = data_dir / "text_classification" / "glue" / "SST-2"
+  dev = tmp_path / "dev.tsv"
+  with open(sst2 / "dev.tsv") as f:
+    dev.write_text("".join(line for _, line in zip(range(129), f)))  # the header + 128 rows
   workdir = tmp_path / "run"
-  overrides = {"model.name_or_path": runs["model"], "data.train_file": runs["train"],
-               "data.validation_file": runs["dev"], "data.dataset": "", "data.subset": "",
+  overrides = {"model.name_or_path": minilm_path, "data.train_file": str(sst2 / "train.tsv"),
+               "data.max_train_samples": 1600, "data.max_eval_samples": 128,
+               "data.validation_file": str(dev), "data.dataset": "", "data.subset": "",
                "data.task_name": "", "data.text_columns": "sentence", "data.max_length": 32,
-               "data.buckets": "(32,)", "train.steps": 100, "train.batch_size": 8,
+               "data.buckets": "(32,)", "train.steps": 100, "train.batch_size": 16,
                "train.learning_rate": 3e-3, "train.progress_bar": False, "mesh.data": 1,
                "model.lora.r": 8, "model.lora.lora_alpha": 16,
                "model.lora.target_modules": "query,key,value,dense"}
@@ -309,20 +317,19 @@ def test_cli_lora_run_learns_and_peft_predicts_the_same(runs, tmp_path):
   assert float(mem["opt_state"]) == pytest.approx(2 * float(mem["params"]), abs=0.1), mem
   assert float(mem["opt_state"]) < float(mem["frozen"]) / 20, mem
   results = json.loads((workdir / "eval_results.json").read_text())
-  with open(runs["dev"]) as f:
-    rows = list(csv.DictReader(f, delimiter="\t"))
-  texts, labels = [r["sentence"] for r in rows], np.array([int(r["label"]) for r in rows])
-  tokenizer = transformers.AutoTokenizer.from_pretrained(runs["model"])
-  untrained = flaxhf.FlaxBertForSequenceClassification.from_pretrained(runs["model"], num_labels=2,
+  rows = read_file(str(dev))  # as the task reads it
+  texts, labels = list(rows["sentence"]), np.array(rows["label"], dtype=np.int64)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+  untrained = flaxhf.FlaxBertForSequenceClassification.from_pretrained(minilm_path, num_labels=2,
                                                                        seed=42)
   before = (_predict(untrained, tokenizer, texts) == labels).mean()
   ours = _predict(flaxhf.FlaxAutoModelForSequenceClassification.from_pretrained(
       workdir / "export"), tokenizer, texts)
   assert results["accuracy"] == pytest.approx((ours == labels).mean())
-  assert results["accuracy"] >= max(before + 0.25, 0.8), (before, results)
+  assert results["accuracy"] >= max(before + 0.1, 0.65), (before, results)
   # PyTorch + peft on the untouched base and the run's adapter folder: the same predictions.
   base = transformers.BertForSequenceClassification.from_pretrained(
-      runs["model"], num_labels=2, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+      minilm_path, num_labels=2, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
   theirs = _predict(peft.PeftModel.from_pretrained(base, workdir / "adapter").eval(), tokenizer,
                     texts)
   np.testing.assert_array_equal(theirs, ours)
