@@ -333,3 +333,9 @@ def test_cli_lora_run_learns_and_peft_predicts_the_same(minilm_path, tmp_path, d
   theirs = _predict(peft.PeftModel.from_pretrained(base, workdir / "adapter").eval(), tokenizer,
                     texts)
   np.testing.assert_array_equal(theirs, ours)
+  # pipeline() runs the base plus the adapter (from_pretrained's adapter=, through model_kwargs).
+  classify = flaxhf.pipeline("text-classification", model=minilm_path, tokenizer=minilm_path,
+                             model_kwargs={"adapter": str(workdir / "adapter"), "num_labels": 2},
+                             truncation=True, max_length=32)
+  labels_out = [int(r["label"].rsplit("_", 1)[-1]) for r in classify(texts[:24])]
+  np.testing.assert_array_equal(labels_out, ours[:24])
