@@ -165,17 +165,16 @@ def flatten_shapes(model) -> Dict[str, tuple]:
 
 
 ALL_LINEAR = "all-linear"
-# Output layers peft's "all-linear" leaves out (it drops model.get_output_embeddings()).
-_OUTPUT_LAYERS = ("lm_head", "decoder", "generator_lm_head")
+# The output layers peft's "all-linear" leaves out (it drops model.get_output_embeddings()).
+_OUTPUT_LAYERS = ("lm_head", "cls.predictions.decoder", "generator_lm_head", "lm_head.decoder")
 
 
 def _all_linear(names: Dict[str, tuple]) -> list:
   """peft's target_modules="all-linear": the leaf names of every Linear/Conv1D layer but the
-  output layer, written as those names (as peft saves them)."""
-  out = {n for n in names if names[n] and (n == "lm_head" or n.endswith(
-      ("cls.predictions.decoder", "generator_lm_head", "lm_head.decoder")))}
-  return sorted({n.rsplit(".", 1)[-1] for n in names if names[n] and n not in out}
-                - {o.rsplit(".", 1)[-1] for o in out if o.rsplit(".", 1)[-1] in _OUTPUT_LAYERS})
+  output layer's, written as those names (as peft saves them)."""
+  linear = [n for n, path in names.items() if path]
+  output = {n.rsplit(".", 1)[-1] for n in linear if n in _OUTPUT_LAYERS}
+  return sorted({n.rsplit(".", 1)[-1] for n in linear} - output)
 
 
 def _suffix_match(name: str, targets) -> bool:
