@@ -1,11 +1,15 @@
-"""Trains a tokenizer for a from-scratch seq2seq run and saves it as a transformers tokenizer folder.
+"""Trains a tokenizer for a from-scratch run and saves it as a transformers tokenizer folder.
 
   python launch/train_tokenizer.py --train_file FILE --fields F1,F2 --out DIR
-      [--family t5|marian|bart|mbart] [--vocab_size 4000] [--lang_codes en_XX,ro_RO] [--max_rows N]
+      [--family t5|marian|bart|mbart|gpt2] [--vocab_size 4000] [--lang_codes en_XX,ro_RO] [--max_rows N]
 
 --fields names JSON-lines fields, dotted for nested ones: "translation.en,translation.ro" for
 translation rows, "dialogue,summary" for DialogSum. A plain text file trains on its lines. Then:
   python launch/run.py --config configs/translation.py:local --workdir W --config.model.tokenizer=DIR
+--family gpt2 (byte-level BPE, <|endoftext|> as BOS/EOS) serves every decoder-only family:
+  python launch/train_tokenizer.py --train_file input.txt --family gpt2 --vocab_size 2000 --out DIR
+  python launch/run.py --config configs/clm.py:tinyshakespeare,local,family=llama --workdir W \
+      --config.model.tokenizer=DIR
 """
 
 import argparse
@@ -24,7 +28,8 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="Folder to save the tokenizer to.")
   p.add_argument("--family", default="t5", choices=tokenizer_training.FAMILIES,
                  help="Special-token layout: t5/marian <pad>=0 </s>=1 <unk>=2 (Unigram); "
-                      "bart/mbart <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4 (byte-level BPE).")
+                      "bart/mbart <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4 (byte-level BPE); gpt2 "
+                      "<|endoftext|>=0 as BOS/EOS (byte-level BPE, for decoder-only families).")
   p.add_argument("--vocab_size", type=int, default=4000)
   p.add_argument("--lang_codes", default="", help="mBART language codes, e.g. en_XX,ro_RO.")
   p.add_argument("--skip_rows", type=int, default=0, help="Leave out the first N rows (held out).")

@@ -301,6 +301,7 @@ def test_cli_lora_run_learns_and_peft_predicts_the_same(minilm_path, tmp_path, d
                "data.task_name": "", "data.text_columns": "sentence", "data.max_length": 32,
                "data.buckets": "(32,)", "train.steps": 100, "train.batch_size": 16,
                "train.learning_rate": 3e-3, "train.progress_bar": False, "mesh.data": 1,
+               "train.eval_on_start": True,  # the untrained numbers: base + zero adapters + new head
                "model.lora.r": 8, "model.lora.lora_alpha": 16,
                "model.lora.target_modules": "query,key,value,dense"}
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
@@ -320,9 +321,8 @@ def test_cli_lora_run_learns_and_peft_predicts_the_same(minilm_path, tmp_path, d
   rows = read_file(str(dev))  # as the task reads it
   texts, labels = list(rows["sentence"]), np.array(rows["label"], dtype=np.int64)
   tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
-  untrained = flaxhf.FlaxBertForSequenceClassification.from_pretrained(minilm_path, num_labels=2,
-                                                                       seed=42)
-  before = (_predict(untrained, tokenizer, texts) == labels).mean()
+  from engine_utils import eval_on_start_metrics
+  before = eval_on_start_metrics(workdir)["accuracy"]
   ours = _predict(flaxhf.FlaxAutoModelForSequenceClassification.from_pretrained(
       workdir / "export"), tokenizer, texts)
   assert results["accuracy"] == pytest.approx((ours == labels).mean())

@@ -169,22 +169,38 @@ def _run_sft_cli(config_arg, workdir, data_dir, overrides):
   return untrained, trained, records
 
 
+@pytest.fixture(scope="module")
+def chat_tokenizer_dir(data_dir, tmp_path_factory):
+  """A 1000-token byte-level BPE trained by launch/train_tokenizer.py on GPTeacher's messages: the
+  CLI runs' tokenizer (GPT-2's 50257-token head was most of each tiny model's step)."""
+  from launch import train_tokenizer
+  out = str(tmp_path_factory.mktemp("chat_tokenizer"))
+  train_tokenizer.main(["--train_file", str(data_dir / "instruction" / "gpteacher" / "train.jsonl"),
+                        "--fields", "messages.content", "--family", "gpt2", "--vocab_size", "1000",
+                        "--out", out])
+  return out
+
+
 @pytest.mark.parametrize("family", ["llama"])
-def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path):
+def test_sft_from_scratch_on_instruction_data_learns(family, data_dir, tmp_path, chat_tokenizer_dir):
   """configs/sft.py:local (tiny) through the CLI on GPTeacher: the assistant-token loss falls well
   below the untrained model's (the same run's step-0 eval), replies are logged, and PyTorch
   generates the same from the export."""
   workdir = tmp_path / "run"
   untrained, trained, records = _run_sft_cli(f"local,family={family}", workdir, data_dir, {
+      "model.tokenizer": chat_tokenizer_dir,
       "model.config_overrides": ("hidden_size=64,intermediate_size=176,num_hidden_layers=2,"
                                  "num_attention_heads=4,num_key_value_heads=2,"
                                  "max_position_embeddings=128"),
-      "data.max_train_samples": 1000, "data.max_eval_samples": 32, "train.steps": 90,
+      "data.max_train_samples": 1000, "data.max_eval_samples": 32, "train.steps": 150,
       "train.learning_rate": 3e-3, "train.log_every": 25, "eval.num_samples": 2,
       "eval.max_new_tokens": 12})
   print(f"SFT {family}: untrained {untrained}, trained {trained}")
   assert untrained["tokens"] == trained["tokens"] > 1000
-  assert trained["loss"] < untrained["loss"] - 3.0, (untrained, trained)
+  # Measured (1000-token tokenizer, 150 steps): loss 6.94 -> 5.44 (ln 1000 = 6.91: near-uniform at
+  # first), next-token accuracy 0.071 on the assistant tokens.
+  assert trained["loss"] < untrained["loss"] - 1.0, (untrained, trained)
+  assert trained["accuracy"] > untrained["accuracy"] + 0.04, (untrained, trained)
   samples = [r for r in records if r["kind"] == "samples"][-1]["samples"]
   assert len(samples) == 2 and all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
   # PyTorch greedy on the export continues the first held-out prompt as flaxhf does.
@@ -224,15 +240,14 @@ def test_sft_equals_a_pytorch_loop_on_the_same_packed_batches(data_dir):
   np.testing.assert_allclose(row["flaxhf"][1][0], row["torch"][1][0], rtol=2e-5)
 
 
-def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path):
+def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path, chat_tokenizer_dir):
   """LoRA chat SFT through the CLI on a tiny Llama checkpoint (its tokenizer carrying the chat
   template): the adapters lower the assistant-token loss below the base's (the run's step-0
   eval), and PyTorch + peft on the base and the run's adapter folder gives the logits and greedy
   reply of flaxhf's merged export."""
   import torch
-  from flaxhf.data.clm import gpt2_tokenizer_dir
   peft = pytest.importorskip("peft")
-  tok = transformers.AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+  tok = transformers.AutoTokenizer.from_pretrained(chat_tokenizer_dir)
   tok.chat_template = chat.DEFAULT_TEMPLATE
   torch.manual_seed(0)
   base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -251,7 +266,8 @@ def test_lora_sft_cli_learns_and_peft_generates_the_same(data_dir, tmp_path):
       "train.log_every": 20, "eval.num_samples": 1, "eval.max_new_tokens": 8})
   print(f"LoRA SFT: untrained {untrained}, trained {trained}")
   assert trained["loss"] < untrained["loss"] - 1.0, (untrained, trained)
-  assert trained["accuracy"] > untrained["accuracy"] + 0.1
+  # Measured (1000-token tokenizer): loss 6.92 -> 5.67, accuracy 0.0 -> 0.065.
+  assert trained["accuracy"] > untrained["accuracy"] + 0.04
   adapter = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
   assert adapter["task_type"] == "CAUSAL_LM" and sorted(adapter["target_modules"]) == [
       "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -2,9 +2,12 @@
 
 No pretrained seq2seq tokenizer is reachable offline, so a from-scratch translation or summarization
 run trains its own: a Unigram model (sentencepiece's algorithm, as T5 and Marian use) or byte-level
-BPE (as BART and mBART use), with the special tokens laid out as the family expects:
+BPE (as BART, mBART and GPT-2 use), with the special tokens laid out as the family expects:
   t5, marian:  <pad>=0 </s>=1 <unk>=2; every text ends with </s> (no BOS).
   bart, mbart: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4; texts are <s> ... </s>.
+  gpt2:        <|endoftext|>=0 is BOS, EOS and UNK, as in GPT-2's; texts get no special tokens
+               (the causal-LM and SFT data add EOS themselves). For any decoder-only family
+               (gpt2, llama, mistral, qwen2/3, gemma, phi3) trained from scratch.
 mBART's language codes (e.g. "en_XX,ro_RO") become extra special tokens after those.
 The folder loads with `AutoTokenizer.from_pretrained` as a `PreTrainedTokenizerFast`.
 """
@@ -16,22 +19,26 @@ import os
 import tempfile
 from typing import Callable, Iterable, List, Optional, Sequence
 
-FAMILIES = ("t5", "marian", "bart", "mbart")
+FAMILIES = ("t5", "marian", "bart", "mbart", "gpt2")
+_EOT = "<|endoftext|>"
 LAYOUTS = {
     "t5": dict(pad="<pad>", eos="</s>", unk="<unk>", bos=None, mask=None),
     "bart": dict(bos="<s>", pad="<pad>", eos="</s>", unk="<unk>", mask="<mask>"),
+    "gpt2": dict(bos=_EOT, eos=_EOT, unk=_EOT, pad=None, mask=None),
 }
 
 
 def _layout(family: str) -> dict:
   if family not in FAMILIES:
     raise ValueError(f"Unknown tokenizer family {family!r}; choose one of {FAMILIES}.")
-  return LAYOUTS["t5" if family in ("t5", "marian") else "bart"]
+  return LAYOUTS[{"marian": "t5", "mbart": "bart"}.get(family, family)]
 
 
 def special_tokens(family: str, lang_codes: Sequence[str] = ()) -> List[str]:
   """The special tokens in id order (ids 0, 1, 2, ...), language codes last."""
   layout = _layout(family)
+  if family == "gpt2":
+    return [_EOT] + list(lang_codes)
   order = ("pad", "eos", "unk") if layout["bos"] is None else ("bos", "pad", "eos", "unk", "mask")
   return [layout[k] for k in order] + list(lang_codes)
 
@@ -58,17 +65,20 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, family: str = "t5", voca
         single=f"$A {layout['eos']}", pair=f"$A {layout['eos']} $B {layout['eos']}",
         special_tokens=[(layout["eos"], specials.index(layout["eos"]))])
   else:
-    tok = Tokenizer(models.BPE(unk_token=layout["unk"]))
+    # Byte-level: every byte is in the alphabet, so nothing is unknown (GPT-2's BPE has no UNK
+    # in its model either).
+    tok = Tokenizer(models.BPE(unk_token=None if family == "gpt2" else layout["unk"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    bos, eos = layout["bos"], layout["eos"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
-        special_tokens=[(bos, specials.index(bos)), (eos, specials.index(eos))])
+    if family != "gpt2":  # GPT-2 adds no special tokens to a text
+      bos, eos = layout["bos"], layout["eos"]
+      tok.post_processor = processors.TemplateProcessing(
+          single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+          special_tokens=[(bos, specials.index(bos)), (eos, specials.index(eos))])
   names = {f"{k}_token": v for k, v in layout.items() if v is not None}
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
                                  additional_special_tokens=list(lang_codes) or None, **names)
@@ -118,7 +128,7 @@ def expand_lang_paths(path: str, fields: Sequence[str]) -> List[str]:
 def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
                max_rows: Optional[int] = None) -> List[str]:
   """Texts to train on from a JSON-lines file: each named field of each row ("translation.en" reads
-  row["translation"]["en"]), rows [skip_rows, skip_rows + max_rows); a plain text file gives its
+  row["translation"]["en"]; "messages.content" each message's content of a chat row), rows [skip_rows, skip_rows + max_rows); a plain text file gives its
   non-blank lines; a path with "{lang}" names line-aligned parallel text files (Multi30k's
   train.{lang}.gz), one per field's language."""
   if "{lang}" in path:  # parallel text: "translation.de" reads path with {lang} = de
@@ -131,13 +141,14 @@ def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
   for n, line in enumerate(lines, skip_rows + 1):
     row = json.loads(line)
     for field in fields:
-      value = row
+      values = [row]
       for key in field.split("."):
-        if not isinstance(value, dict) or key not in value:
+        # A list (a chat's "messages") continues the path in each of its items.
+        values = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        if not all(isinstance(value, dict) and key in value for value in values):
           raise ValueError(f"{path} line {n} has no field {field!r} (keys: {sorted(row)}).")
-        value = value[key]
-      if isinstance(value, str) and value.strip():
-        texts.append(value)
+        values = [value[key] for value in values]
+      texts += [value for value in values if isinstance(value, str) and value.strip()]
   if not texts:
     raise ValueError(f"{path}: no text in fields {list(fields)}.")
   return texts

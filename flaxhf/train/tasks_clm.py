@@ -9,6 +9,7 @@ mask has just made invisible. A block that starts inside a document starts its p
 """
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,11 @@ class CausalLM(Task):
                          "own tokenizer (model.tokenizer), or train from scratch "
                          "(model.from_scratch=True sizes the embeddings to the tokenizer).")
       config.vocab_size = size
+    elif size < config.vocab_size and self._defaults_from_model_type():
+      # model.config_name=llama comes with transformers' 32000: a tokenizer trained here
+      # (launch/train_tokenizer.py --family gpt2) sizes the embeddings instead. A checkpoint's own
+      # config keeps its size (many pad their vocabulary past the tokenizer's).
+      config.vocab_size = size
     positions = config.max_position_embeddings
     block = int(self.cfg.data.block_size)
     if block > positions:
@@ -89,6 +95,15 @@ class CausalLM(Task):
       for name in ("bos_token_id", "eos_token_id"):
         if getattr(self.tokenizer, name) is not None:
           setattr(config, name, getattr(self.tokenizer, name))
+
+  def _defaults_from_model_type(self):
+    """From scratch on transformers' defaults for a model type (model.config_name=llama), with no
+    vocab_size set in model.config_overrides."""
+    from transformers import CONFIG_MAPPING
+    m = self.cfg.model
+    name, overrides = m.get("config_name"), str(m.get("config_overrides") or "")
+    return (bool(m.from_scratch) and bool(name) and not os.path.exists(name)
+            and name in CONFIG_MAPPING and "vocab_size=" not in overrides)
 
   @property
   def per_document(self):
