@@ -28,6 +28,18 @@ import pytest  # noqa: E402
 DATA_DIR = pathlib.Path(os.environ.get("FLAXHF_DATA", pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _xla_effort(request):
+  """Tests compile with XLA:CPU's backend optimisations off (jax_disable_most_optimizations: LLVM
+  at -O0, the same HLO and fusions): most tests run a program once or twice, and that halves a
+  compile. The learning runs whose steps dominate are marked `xla_optimized` and compile as users'
+  programs do; so do all subprocess runs (launch/run.py), which start their own JAX."""
+  import jax
+  jax.config.update("jax_disable_most_optimizations",
+                    request.node.get_closest_marker("xla_optimized") is None)
+  yield
+
+
 @pytest.fixture(scope="session")
 def data_dir():
   """The real-data folder (FLAXHF_DATA, default ../shared/data); tests skip when it is absent."""

@@ -129,6 +129,7 @@ def test_step_from_unplaced_params_compiles_once(setup):
   assert compiles == []
 
 
+@pytest.mark.xla_optimized  # 20 MiniLM steps at 16 x 64
 def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):
   import torch
   import transformers

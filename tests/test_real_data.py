@@ -10,6 +10,7 @@ import pytest
 from engine_utils import read_jsonl
 
 
+@pytest.mark.xla_optimized  # 60 MiniLM steps: the steps dominate
 def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   import torch
   import transformers

@@ -247,6 +247,7 @@ def test_local_configs_point_at_the_real_data(data_dir):
 
 
 # ---- real-data runs through the engine -----------------------------------------------------------
+@pytest.mark.xla_optimized  # 120 MiniLM steps: the steps dominate
 def test_ner_conll_slice_trains_and_exports(data_dir, minilm_path, tmp_path):
   import torch
   import transformers
