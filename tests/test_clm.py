@@ -284,6 +284,33 @@ def _write_stories(path, n, seed):
   return str(path)
 
 
+def test_from_scratch_vocabulary_follows_the_tokenizer(tmp_path):
+  """From a model type's defaults the embeddings take the tokenizer's size (a 1000-token tokenizer
+  trained here, not Llama's 32000); a vocab_size set in config_overrides, or a config folder's
+  own, is kept unless the tokenizer needs more."""
+  import transformers
+  from flaxhf.train.tasks_clm import CausalLM
+
+  class Tokenizer(list):
+    bos_token_id = eos_token_id = 0
+
+  folder = tmp_path / "config"
+  transformers.LlamaConfig(vocab_size=32000).save_pretrained(folder)
+
+  def vocab(config_name, tokens, overrides=None, config_vocab=32000):
+    task = CausalLM(_config("local,smoke", **{"model.config_name": config_name,
+                                              "model.config_overrides": overrides}))
+    task.tokenizer = Tokenizer(range(tokens))
+    config = transformers.LlamaConfig(vocab_size=config_vocab)
+    task.configure_model(config, None)
+    return config.vocab_size
+
+  assert vocab("llama", 1000) == 1000
+  assert vocab("llama", 1000, "vocab_size=4000", 4000) == 4000
+  assert vocab(str(folder), 1000) == 32000
+  assert vocab(str(folder), 50257) == 50257
+
+
 def test_from_scratch_run_learns_resumes_and_exports(tmp_path, caplog):
   import shutil
 

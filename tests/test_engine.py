@@ -33,10 +33,17 @@ def train(setup, workdir, devices=None, **overrides):
   return trainer, results, np.array(losses)
 
 
+@pytest.fixture(scope="module")
+def one_device_losses(setup, tmp_path_factory):
+  """The reference run on one device (fp32): the losses every sharded and bf16 run is held to."""
+  return train(setup, tmp_path_factory.mktemp("one"), devices=jax.devices()[:1],
+               **{"mesh.data": 1})[2]
+
+
 @pytest.mark.parametrize("rules,mesh", [("dp", dict(data=8)), ("fsdp", dict(data=2, fsdp=4)),
                                         ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))])
-def test_sharded_training_matches_one_device(setup, tmp_path, rules, mesh):
-  _, _, want = train(setup, tmp_path / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
+def test_sharded_training_matches_one_device(setup, tmp_path, rules, mesh, one_device_losses):
+  want = one_device_losses
   overrides = {"mesh.rules": rules, "mesh.data": mesh.get("data", 1),
                "mesh.fsdp": mesh.get("fsdp", 1), "mesh.tensor": mesh.get("tensor", 1)}
   trainer, _, got = train(setup, tmp_path / rules, **overrides)
@@ -63,8 +70,8 @@ def test_grad_accumulation_equals_big_batch(setup, tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-def test_bf16_compute_keeps_fp32_params_and_learns(setup, tmp_path, caplog):
-  _, _, want = train(setup, tmp_path / "fp32", devices=jax.devices()[:1], **{"mesh.data": 1})
+def test_bf16_compute_keeps_fp32_params_and_learns(setup, tmp_path, caplog, one_device_losses):
+  want = one_device_losses
   with caplog.at_level("WARNING", logger="flaxhf"):
     trainer, results, got = train(setup, tmp_path / "bf16", devices=jax.devices()[:1],
                                   **{"mesh.data": 1, "model.dtype": "bfloat16"})

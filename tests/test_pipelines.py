@@ -73,6 +73,7 @@ def assert_same(got, want, atol=1e-4):
 
 
 # ---- text classification ---------------------------------------------------------------------------
+@pytest.mark.xla_optimized  # MiniLM over inputs up to 512 tokens
 def test_text_classification_matches_transformers(pipes):
   fp, tp = pipes["seq"]
   assert_same(fp(TEXTS[0]), tp(TEXTS[0]))

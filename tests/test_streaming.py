@@ -258,8 +258,11 @@ def test_sigkill_then_rerun_resumes_the_stream_exactly(tmp_path):
   files = {"data.train_file": _write_stories(tmp_path / "train.txt", 110, 6),
            "data.validation_file": None, "data.validation_split_percentage": 0.0}
   killed = tmp_path / "killed"
+  # The child compiles as this process does (conftest: XLA's backend optimisations off), so
+  # the rerun here can equal the killed run bit for bit.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+             JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT), str(killed),
                             json.dumps(files)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)

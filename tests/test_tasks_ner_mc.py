@@ -247,17 +247,17 @@ def test_local_configs_point_at_the_real_data(data_dir):
 
 
 # ---- real-data runs through the engine -----------------------------------------------------------
-@pytest.mark.xla_optimized  # 120 MiniLM steps: the steps dominate
+@pytest.mark.xla_optimized  # 80 MiniLM steps: the steps dominate
 def test_ner_conll_slice_trains_and_exports(data_dir, minilm_path, tmp_path):
   import torch
   import transformers
-  # 120 steps of 16 sentences (~1.3 epochs of 1500), about a minute of 2 CPU cores. max_length 32
+  # 80 steps of 16 sentences (~0.9 epochs of 1500), ~50 s alone on 2 CPU cores. max_length 32
   # (one shape: one compilation each for train and eval) cuts ~8% of the eval words, which are
   # then neither trained on nor scored.
   cfg = _cfg("token_classification", "local", **{
       "data.max_length": 32, "data.buckets": (32,), "data.max_train_samples": 1500,
       "data.max_eval_samples": 300,
-      "data.group_by_length": True, "train.steps": 120, "train.batch_size": 16,
+      "data.group_by_length": True, "train.steps": 80, "train.batch_size": 16,
       "train.eval_batch_size": 64, "train.learning_rate": 5e-4, "train.eval_every": 0,
       "train.log_every": 10, "train.progress_bar": False, "mesh.data": 1,
       "checkpoint.every_steps": 1000, "checkpoint.async_save": False})
@@ -267,8 +267,8 @@ def test_ner_conll_slice_trains_and_exports(data_dir, minilm_path, tmp_path):
   print(f"NER untrained f1={untrained['f1']:.3f}; trained {results}; "
         f"{trainer.data.eval_raw.dropped_words} eval words cut")
   assert untrained["f1"] < 0.15  # a random head: measured 0.047
-  assert results["f1"] > 0.55 and results["accuracy"] > 0.88  # measured 0.644 / 0.928
-  assert results["PER_f1"] > 0.7  # measured 0.83
+  assert results["f1"] > 0.55 and results["accuracy"] > 0.88  # measured 0.601 / 0.911
+  assert results["PER_f1"] > 0.7  # measured 0.818
   # The export is a PyTorch token classifier with flaxhf's dev predictions.
   export = tmp_path / "export"
   pt = transformers.AutoModelForTokenClassification.from_pretrained(export).eval()

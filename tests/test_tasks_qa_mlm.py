@@ -411,6 +411,7 @@ def _torch_qa_answers(export_dir, trainer):
   return trainer.task.decode(preds, trainer.data)[0]
 
 
+@pytest.mark.xla_optimized  # MiniLM steps at 16 x 160: they dominate
 def test_qa_minilm_squad_slice_trains_exports_and_matches_pytorch(data_dir, minilm_path, tmp_path):
   from flaxhf import metrics as M
   cfg = _local_config("qa", "local", **{
@@ -445,6 +446,7 @@ def test_qa_minilm_squad_slice_learns(data_dir, minilm_path, tmp_path):
   assert trained["f1"] > untrained["f1"] + 20
 
 
+@pytest.mark.xla_optimized  # MiniLM steps and its 30522-token MLM head
 def test_mlm_minilm_wikitext_lowers_perplexity_and_exports(data_dir, minilm_path, tmp_path):
   import torch
   import transformers
