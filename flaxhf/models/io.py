@@ -20,6 +20,13 @@ _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "py
                  "spiece.model", "sentencepiece*", "source.spm", "target.spm", "generation_config.json"]
 
 
+def names_a_model_type(name: Optional[str]) -> bool:
+  """`name` is a transformers model type ("llama"), not a folder or file: its defaults are the
+  config (AutoConfig.for_model, no download)."""
+  from transformers import CONFIG_MAPPING
+  return bool(name) and not os.path.exists(name) and name in CONFIG_MAPPING
+
+
 def hub_offline() -> bool:
   return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 

@@ -61,9 +61,9 @@ def module_inputs(model, batch):
 def load_model_config(model_cfg, model_dir: Optional[str]):
   """The transformers config: model.config_name (a folder, a config.json file or a model type) or
   the checkpoint's, then model.config_overrides ("n_embd=128,n_layer=4", as run_clm.py's)."""
-  from transformers import AutoConfig, CONFIG_MAPPING
+  from transformers import AutoConfig
   name = model_cfg.get("config_name")
-  if name and not os.path.exists(name) and name in CONFIG_MAPPING:
+  if io.names_a_model_type(name):
     config = AutoConfig.for_model(name)  # transformers' defaults for the type: no download
   elif name:
     config = AutoConfig.from_pretrained(name if os.path.exists(name) else io.resolve_model_dir(name))

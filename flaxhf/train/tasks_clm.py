@@ -9,14 +9,13 @@ mask has just made invisible. A block that starts inside a document starts its p
 """
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxhf.models import auto
+from flaxhf.models import auto, io
 from flaxhf.models.losses import IGNORE_INDEX, next_token_labels
 from flaxhf.train.tasks import Task
 
@@ -99,11 +98,9 @@ class CausalLM(Task):
   def _defaults_from_model_type(self):
     """From scratch on transformers' defaults for a model type (model.config_name=llama), with no
     vocab_size set in model.config_overrides."""
-    from transformers import CONFIG_MAPPING
     m = self.cfg.model
-    name, overrides = m.get("config_name"), str(m.get("config_overrides") or "")
-    return (bool(m.from_scratch) and bool(name) and not os.path.exists(name)
-            and name in CONFIG_MAPPING and "vocab_size=" not in overrides)
+    return (bool(m.from_scratch) and io.names_a_model_type(m.get("config_name"))
+            and "vocab_size=" not in str(m.get("config_overrides") or ""))
 
   @property
   def per_document(self):
