@@ -18,6 +18,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/
+# Training needs no torch; without it transformers' import advises that "Models won't be available",
+# which is not news to a flaxhf user.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402

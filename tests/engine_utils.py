@@ -2,11 +2,29 @@
 
 import contextlib
 import os
+import pathlib
 import shutil
 
 import numpy as np
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # one event per XLA compile
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def child_env(devices=1, unoptimized=False, **extra):
+  """The environment of a process a test starts (launch/run.py, a child script): JAX on `devices`
+  simulated CPU devices, offline, and without torch (tests/no_torch/sitecustomize.py), as a user's
+  training machine. `unoptimized`: compile with XLA's backend optimisations off, as the tests' own
+  process does (conftest), for a child whose results are compared bit for bit with an in-process
+  run. The session's compilation cache comes with os.environ (conftest)."""
+  path = [str(REPO / "tests" / "no_torch"), str(REPO), os.environ.get("PYTHONPATH", "")]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONPATH=os.pathsep.join(p for p in path if p))
+  if unoptimized:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  env.update(extra)
+  return env
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful"]
 NEGATIVE = ["bad", "awful", "poor", "terrible", "boring", "dull"]

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxhf.checkpoint import Checkpointer, read_meta, restore_arrays
+from engine_utils import child_env
 
 REPO = pathlib.Path(__file__).parents[1]
 META = {"config": {"lr": 1e-3, "layers": [1, 2], "name": "bert", "flag": True, "none": None},
@@ -195,8 +196,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_sigkill_mid_async_save_leaves_only_restorable_steps(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = child_env()
   child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from engine_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,8 +15,7 @@ def run(tmp_path, config, *extra, **env):
   proc = subprocess.run(
       [sys.executable, "launch/run.py", "--config", config, "--workdir", str(workdir), *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=240,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", FLAXHF_DEBUG="",
-               TOKENIZERS_PARALLELISM="false", **env))
+      env=child_env(8, **{"FLAXHF_DEBUG": "", **env}))
   assert not workdir.exists() or not any(workdir.iterdir()), "it stopped before writing anything"
   return proc
 

@@ -16,6 +16,7 @@ from flaxhf.data.sources import DataError
 from flaxhf.models.losses import IGNORE_INDEX
 from flaxhf.train import engine
 from flaxhf.train.tasks_clm import clm_labels, document_mask_and_positions
+from engine_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -380,8 +381,7 @@ def _train_cli(data_dir, workdir, overrides, timeout, arg="tinyshakespeare,local
   """launch/run.py on one CPU device; (tokenizer, the run's eval data, the untrained model's eval
   metrics (the run's own step-0 eval), the trained ones)."""
   from engine_utils import eval_on_start_metrics, prepared_data
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  env = child_env(FLAXHF_DATA=str(data_dir))
   overrides = {**overrides, "train.eval_on_start": True}
   cmd = [sys.executable, "launch/run.py", "--config", f"configs/clm.py:{arg}",
          "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())]

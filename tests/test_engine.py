@@ -142,9 +142,10 @@ def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):
   import transformers
   # The real MiniLM checkpoint learns the synthetic sentiment task in a few steps.
   setup = dict(setup, model=minilm_path)
+  # One device: the sharded runs above cover the mesh; 8 simulated devices on 2 cores only slow it.
   long_run = {"train.steps": 20, "train.batch_size": 16, "train.learning_rate": 1e-4,
-              "checkpoint.every_steps": 8}
-  trainer, results, losses = train(setup, tmp_path, **long_run)
+              "checkpoint.every_steps": 8, "mesh.data": 1}
+  trainer, results, losses = train(setup, tmp_path, jax.devices()[:1], **long_run)
   assert losses[-5:].mean() < losses[:5].mean() - 0.15
   assert results["accuracy"] > 0.9  # chance is ~0.5 on this balanced synthetic task
   for name in ("metrics.jsonl", "eval_results.json", "config.json", "export/config.json",
@@ -167,7 +168,7 @@ def test_workdir_layout_export_and_rerun(setup, tmp_path, caplog, minilm_path):
   assert acc == pytest.approx(results["accuracy"], abs=1e-9)
   # Rerunning the finished workdir resumes (nothing left to train) and says so.
   with caplog.at_level("WARNING", logger="flaxhf"):
-    _, again, _ = train(setup, tmp_path, **long_run)
+    _, again, _ = train(setup, tmp_path, jax.devices()[:1], **long_run)
   assert "Resuming from step 20" in caplog.text
   assert again["accuracy"] == pytest.approx(results["accuracy"])
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import engine_utils
 from engine_utils import read_jsonl, tiny_bert_dir, tiny_config, write_sentiment_tsv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,12 +56,10 @@ def run_cmd(tiny, workdir, *extra):
 
 
 def child_env(tiny, devices):
-  # FLAXHF_COMPILATION_CACHE comes from conftest: the session's one cache, shared with
-  # test_cluster/test_faults, whose runs compile the same programs. 12 steps of a 1-layer BERT:
-  # compiling is the cost, so XLA's backend optimisations are off as in-process (conftest).
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  # The session's one compilation cache (conftest) is shared with test_cluster/test_faults, whose
+  # runs compile the same programs. 12 steps of a 1-layer BERT: compiling is the cost, so XLA's
+  # backend optimisations are off as in-process (conftest).
+  return engine_utils.child_env(devices, unoptimized=True)
 
 
 class Launcher:

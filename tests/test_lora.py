@@ -21,6 +21,7 @@ import flaxhf
 from flaxhf import lora
 from flaxhf.models.base import flatten
 from model_utils import VOCAB, make_inputs
+from engine_utils import child_env
 
 peft = pytest.importorskip("peft")
 
@@ -305,8 +306,7 @@ def test_cli_lora_run_learns_and_peft_predicts_the_same(minilm_path, tmp_path, d
                "train.eval_on_start": True,  # the untrained numbers: base + zero adapters + new head
                "model.lora.r": 8, "model.lora.lora_alpha": 16,
                "model.lora.target_modules": "query,key,value,dense"}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1")
+  env = child_env()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "launch/run.py", "--config",
                          "configs/text_classification.py:smoke", "--workdir", str(workdir),

@@ -23,6 +23,7 @@ from flaxhf.data.sources import DataError
 from flaxhf.train import engine
 from flaxhf.train.tasks_seq2seq import (Translation, label_smoothed_losses,
                                         sharded_generator)
+from engine_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -397,8 +398,7 @@ def test_sharded_generation_equals_single_device_and_splits_rows(tmp_path):
 # ---- real data through the CLI, from scratch -----------------------------------------------------
 
 def _env(data_dir):
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  return child_env(FLAXHF_DATA=str(data_dir))
 
 
 def _run(cmd, data_dir, timeout):

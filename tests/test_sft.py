@@ -17,6 +17,7 @@ from flaxhf.data import chat
 from flaxhf.data.sources import DataError
 from flaxhf.models.base import flatten
 from flaxhf.train import engine
+from engine_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERSATIONS = [
@@ -156,8 +157,7 @@ _CLI = {"train.batch_size": 8, "train.eval_batch_size": 16, "train.eval_every": 
 
 def _run_sft_cli(config_arg, workdir, data_dir, overrides):
   """launch/run.py on configs/sft.py:ARG; (untrained eval, trained eval, metrics.jsonl records)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", FLAXHF_DATA=str(data_dir))
+  env = child_env(FLAXHF_DATA=str(data_dir))
   proc = subprocess.run(
       [sys.executable, "launch/run.py", "--config", f"configs/sft.py:{config_arg}",
        "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in {**_CLI, **overrides}.items())],

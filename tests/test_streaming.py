@@ -18,6 +18,7 @@ from flaxhf.data import clm as clm_data
 from flaxhf.data import mlm as mlm_data
 from flaxhf.data import sources
 from flaxhf.data.sources import DataError
+from engine_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -260,9 +261,7 @@ def test_sigkill_then_rerun_resumes_the_stream_exactly(tmp_path):
   killed = tmp_path / "killed"
   # The child compiles as this process does (conftest: XLA's backend optimisations off), so
   # the rerun here can equal the killed run bit for bit.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = child_env(unoptimized=True)
   child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT), str(killed),
                             json.dumps(files)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
