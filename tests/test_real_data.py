@@ -10,7 +10,7 @@ import pytest
 from engine_utils import read_jsonl
 
 
-@pytest.mark.xla_optimized  # 60 MiniLM steps: the steps dominate
+@pytest.mark.xla_optimized  # 40 MiniLM steps: the steps dominate
 def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   import torch
   import transformers
@@ -26,7 +26,7 @@ def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   cfg.data.max_train_samples = 4000
   cfg.data.max_eval_samples = 256  # dev's first 256 sentences: chance ~0.5 +- 0.03
   cfg.data.max_length = 32  # SST-2 train phrases are short; a few dev sentences are cut
-  cfg.train.steps = 60
+  cfg.train.steps = 40
   cfg.train.batch_size = 32
   cfg.train.learning_rate = 2e-4
   cfg.train.warmup_ratio = 0.1
@@ -36,8 +36,9 @@ def test_minilm_sst2_finetune_and_export(data_dir, minilm_path, tmp_path):
   cfg.checkpoint.every_steps = 1000
   cfg.mesh.data = 1  # 8 simulated devices share 2 cores: one device is faster here
   results = engine.run(cfg, str(tmp_path), devices=jax.devices()[:1])
-  # Chance is ~0.51 on SST-2 dev; 60 steps of 32 take MiniLM well past it (measured 0.805).
-  assert results["accuracy"] > 0.75, results
+  # Chance is ~0.51 on SST-2 dev; 40 steps of 32 take MiniLM well past it (measured 0.773; 0.805
+  # after 60 steps).
+  assert results["accuracy"] > 0.72, results
   losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
   assert losses[-1] < losses[0] - 0.2
   assert json.load(open(tmp_path / "eval_results.json"))["accuracy"] == results["accuracy"]
