@@ -22,7 +22,7 @@ from flaxhf.models import heads
 from flaxhf.models import outputs as O
 from flaxhf.models.base import FlaxPreTrainedModel, REGISTRY, flatten, unflatten
 from flaxhf.models.layers import (LayerStack, Linear, RMSNorm, attention_bias, constrain,
-                                  dot_product_attention, layer_stack)
+                                  dot_product_attention, layer_stack, materialize_gradient)
 
 
 # ---- labels, positions, masks ---------------------------------------------------------------------
@@ -295,6 +295,7 @@ class GQAttention(nn.Module):
       q, k = (RMSNorm(c.rms_norm_eps, axis_name="kv", dtype=d, unit_offset=self.unit_offset_norm,
                       name=f"{n}_norm")(y) for n, y in (("q", q), ("k", k)))
     q = constrain(q, ("batch", "seq", "heads", "kv"))
+    q, k = materialize_gradient(q), materialize_gradient(k)
     q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
     k, v, first_slot = cache_kv(self, k, v, init_cache)
     bias = attention_bias(decoder_mask(attention_mask, first_slot, t, sliding_window), d)

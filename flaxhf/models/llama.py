@@ -22,7 +22,8 @@ from flaxhf.models.base import model_family
 from flaxhf.models.decoder import (CausalLM, DecoderGeneration, DecoderHead, DecoderModule,
                                    DecoderPreTrainedModel, GQAttention, check_whole_head_rotary,
                                    rope_parameters, rotary_cos_sin)
-from flaxhf.models.layers import Dropout, Embedding, LayerStack, Linear, RMSNorm, constrain, get_activation
+from flaxhf.models.layers import (Dropout, Embedding, LayerStack, Linear, RMSNorm, constrain,
+                                  get_activation, materialize_gradient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,7 @@ class LlamaMLP(nn.Module):
     else:
       gate = linear("gate_proj", m, ("mlp", "embed"), x_BxTxE)
       up = linear("up_proj", m, ("mlp", "embed"), x_BxTxE)
+    gate, up = materialize_gradient(gate), materialize_gradient(up)
     return linear("down_proj", c.hidden_size, ("embed", "mlp"), get_activation(self.activation)(gate) * up)
 
 
