@@ -57,14 +57,14 @@ def minilm_path():
 
 # Modules that take longest, started first so that under pytest-xdist (`-n 2`) no worker is left
 # with a long module at the end while the other idles. Measured with --durations on 2 cores
-# (2026-12-07, after the suite's cuts).
+# (2026-12-07, fourth session, after the suite's cuts).
 _HEAVY_FIRST = ("test_generative", "test_seq2seq_tasks", "test_faults", "test_cluster",
-                "test_engine", "test_tasks_qa_mlm", "test_tasks_ner_mc", "test_lora",
-                "test_training_parity", "test_clm", "test_model_parity", "test_llama", "test_launch",
-                "test_sft", "test_real_data", "test_pipelines", "test_generation",
-                "test_v4_summarization_script", "test_cli_errors", "test_t5",
-                "test_text2text_pipeline", "test_scan_remat", "test_text_generation_pipeline",
-                "test_v4_clm_script", "test_gpt2", "test_streaming", "test_sharding_specs")
+                "test_tasks_qa_mlm", "test_engine", "test_tasks_ner_mc", "test_training_parity",
+                "test_lora", "test_llama", "test_model_parity", "test_sft", "test_clm",
+                "test_launch", "test_pipelines", "test_generation", "test_text_generation_pipeline",
+                "test_real_data", "test_t5", "test_text2text_pipeline", "test_gpt2",
+                "test_v4_summarization_script", "test_scan_remat", "test_v4_clm_script",
+                "test_cli_errors", "test_memory", "test_streaming", "test_sharding_specs")
 # Modules that share session-wide subprocess runs (cluster_utils) must run on the same worker.
 _SHARED_GROUP = {"test_faults": "test_cluster"}
 
