@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine_utils import tiny_bert_dir, write_sentiment_tsv
-from test_launch import TIMEOUT_S, Launcher, child_env, free_port, run_cmd
+from test_launch import TIMEOUT_S, Launcher, free_port, run_cmd, tiny_run_env
 
 _SESSION = {}
 
@@ -34,7 +34,7 @@ def tiny_setup(tmp_path_factory, minilm_path):
 
 def slurm_env(tiny, process_id, ntasks=2, port=None):
   """A SLURM job step's environment for task `process_id`, all tasks on 127.0.0.1, 4 devices."""
-  return dict(child_env(tiny, 4), SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks),
+  return dict(tiny_run_env(4), SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks),
               SLURM_PROCID=str(process_id), SLURM_LOCALID=str(process_id),
               SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_NUM_NODES="1",
               # jax's own override of the port it derives from the job id, so runs never collide.
@@ -52,7 +52,7 @@ def start_uninterrupted(tiny, processes):
   if key not in _SESSION:
     launch, workdir = _SESSION["launcher"], tiny["root"] / f"uninterrupted{processes}"
     if processes == 1:
-      procs = [launch.start(run_cmd(tiny, workdir), child_env(tiny, 8), "uninterrupted1")]
+      procs = [launch.start(run_cmd(tiny, workdir), tiny_run_env(8), "uninterrupted1")]
     else:
       port = free_port()
       procs = [launch.start(run_cmd(tiny, workdir), slurm_env(tiny, i, port=port),

@@ -12,7 +12,8 @@ import pytest
 import cluster_utils
 from flaxhf import distributed
 from flaxhf.distributed import ClusterError
-from test_launch import ROOT, STEPS, child_env, exported, hostname_is_loopback, run_cmd, train_curve
+from test_launch import (ROOT, STEPS, exported, hostname_is_loopback, run_cmd, tiny_run_env,
+                         train_curve)
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
          "SLURM_STEP_NODELIST": "gpu[007-008],login1", "SLURM_STEP_NUM_NODES": "2"}
@@ -163,7 +164,7 @@ def test_initialize_arguments(monkeypatch):
 
 def test_dry_run_prints_cluster_devices_and_mesh(tiny, tmp_path):
   workdir = tmp_path / "dry"
-  proc = subprocess.run(run_cmd(tiny, workdir, "--dry_run"), cwd=ROOT, env=child_env(tiny, 8),
+  proc = subprocess.run(run_cmd(tiny, workdir, "--dry_run"), cwd=ROOT, env=tiny_run_env(8),
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines()[0] == (
@@ -174,7 +175,7 @@ def test_dry_run_prints_cluster_devices_and_mesh(tiny, tmp_path):
 
 
 def test_partial_slurm_environment_fails_fast(tiny, tmp_path):
-  env = dict(child_env(tiny, 1), SLURM_JOB_ID="77", SLURM_NTASKS="2")
+  env = dict(tiny_run_env(1), SLURM_JOB_ID="77", SLURM_NTASKS="2")
   start = time.monotonic()
   proc = subprocess.run(run_cmd(tiny, tmp_path / "w", "--dry_run"), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)

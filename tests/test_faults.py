@@ -18,8 +18,8 @@ from engine_utils import read_jsonl, tiny_bert_dir, tiny_config, write_sentiment
 from flaxhf.checkpoint import Checkpointer, CheckpointSaveError, restore_arrays
 from flaxhf.data import batching
 from flaxhf.train import engine, faults
-from test_launch import (STEPS, Launcher, child_env, exported, free_port, hostname_is_loopback,
-                         run_cmd, saved_steps, train_curve)
+from test_launch import (STEPS, Launcher, exported, free_port, hostname_is_loopback, run_cmd,
+                         saved_steps, tiny_run_env, train_curve)
 
 PREEMPTED = r"Preempted: every process stopped at step (\d+)"
 
@@ -55,7 +55,7 @@ def preempted_step(launcher, proc):
 def test_sigterm_saves_the_step_and_the_rerun_is_bit_identical(tiny, tmp_path, launcher):
   cluster_utils.start_uninterrupted(tiny, 1)
   workdir = tmp_path / "preempted"
-  cmd, env = run_cmd(tiny, workdir), child_env(tiny, 8)
+  cmd, env = run_cmd(tiny, workdir), tiny_run_env(8)
   first = launcher.start(cmd, env, "first")
   seen = wait_for_step(launcher, [first], workdir, 2)
   first.send_signal(signal.SIGTERM)
@@ -78,7 +78,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny, tmp_path, 
     pytest.skip("this host name resolves to a non-loopback address, where gloo would listen")
   cluster_utils.start_uninterrupted(tiny, 2)
   workdir, port = tmp_path / "preempted2", free_port()
-  procs = [launcher.start(run_cmd(tiny, workdir, *flags_cluster(port, i)), child_env(tiny, 4),
+  procs = [launcher.start(run_cmd(tiny, workdir, *flags_cluster(port, i)), tiny_run_env(4),
                           f"first{i}") for i in range(2)]
   wait_for_step(launcher, procs, workdir, 2)
   procs[1].send_signal(signal.SIGTERM)  # as a maintenance event on one host would
@@ -89,7 +89,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny, tmp_path, 
 
   port = free_port()
   outputs = launcher.wait(*[launcher.start(run_cmd(tiny, workdir, *flags_cluster(port, i)),
-                                           child_env(tiny, 4), f"rerun{i}") for i in range(2)])
+                                           tiny_run_env(4), f"rerun{i}") for i in range(2)])
   assert all(f"Resuming from step {n} " in err for _, err in outputs)
   ref, _ = cluster_utils.uninterrupted(tiny, 2)
   assert_same_weights(workdir, ref)
@@ -102,7 +102,7 @@ def test_dead_peer_ends_the_survivor_within_the_heartbeat_timeout(tiny, tmp_path
   workdir, port = tmp_path / "dead_peer", free_port()
   procs = [launcher.start(run_cmd(tiny, workdir, *flags_cluster(port, i),
                                   f"--config.cluster.heartbeat_timeout_s={heartbeat}"),
-                          child_env(tiny, 4), f"peer{i}") for i in range(2)]
+                          tiny_run_env(4), f"peer{i}") for i in range(2)]
   wait_for_step(launcher, procs, workdir, 2)
   procs[1].send_signal(signal.SIGKILL)
   start = time.monotonic()

@@ -55,10 +55,10 @@ def run_cmd(tiny, workdir, *extra):
           *extra]
 
 
-def child_env(tiny, devices):
-  # The session's one compilation cache (conftest) is shared with test_cluster/test_faults, whose
-  # runs compile the same programs. 12 steps of a 1-layer BERT: compiling is the cost, so XLA's
-  # backend optimisations are off as in-process (conftest).
+def tiny_run_env(devices):
+  """engine_utils.child_env for the tiny-BERT runs here and in test_faults/test_cluster, which share
+  the session's compilation cache (conftest). 12 steps of a 1-layer BERT: compiling is the cost, so
+  XLA's backend optimisations are off, as in-process."""
   return engine_utils.child_env(devices, unoptimized=True)
 
 
@@ -123,7 +123,7 @@ class Reference:
   def __init__(self, tiny):
     self.workdir = tiny["root"] / "reference"
     self.launch = Launcher(str(tiny["root"] / "reference_logs"))
-    self.proc = self.launch.start(run_cmd(tiny, self.workdir), child_env(tiny, 8), "reference")
+    self.proc = self.launch.start(run_cmd(tiny, self.workdir), tiny_run_env(8), "reference")
     self.done = False
 
   def wait(self):
@@ -189,7 +189,7 @@ def test_two_processes_equal_one_process(tiny, reference, tmp_path, launcher):
   workdir = tmp_path / "multi"
   cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
   procs = [launcher.start(run_cmd(tiny, workdir, *cluster, f"--process_id={i}"),
-                          child_env(tiny, 4), f"process{i}") for i in range(2)]
+                          tiny_run_env(4), f"process{i}") for i in range(2)]
   (out0, err0), (out1, err1) = launcher.wait(*procs)
   ref = reference.wait()
   for i, err in enumerate((err0, err1)):
@@ -237,7 +237,7 @@ def test_two_processes_equal_one_process(tiny, reference, tmp_path, launcher):
 def test_sigkill_then_rerun_resumes_exactly(tiny, reference, tmp_path, launcher):
   ref = reference.wait()
   workdir = tmp_path / "killed"
-  cmd, env = run_cmd(tiny, workdir), child_env(tiny, 8)
+  cmd, env = run_cmd(tiny, workdir), tiny_run_env(8)
   first = launcher.start(cmd, env, "first")
   deadline = time.monotonic() + TIMEOUT_S
   while not saved_steps(workdir):
@@ -271,7 +271,7 @@ def test_sigkill_then_rerun_resumes_exactly(tiny, reference, tmp_path, launcher)
 def test_mistyped_config_key_names_the_valid_keys(tiny, tmp_path, launcher):
   workdir = tmp_path / "typo"
   proc = launcher.start(run_cmd(tiny, workdir, "--config.train.learning_rat=1e-3"),
-                        child_env(tiny, 1), "typo")
+                        tiny_run_env(1), "typo")
   proc.wait(timeout=60)
   err = launcher.output(proc)[1]
   assert proc.returncode != 0
@@ -292,7 +292,7 @@ def test_export_of_a_middle_checkpoint(tiny, reference, tmp_path, launcher):
   out = tmp_path / "export"
   launcher.wait(launcher.start(
       [sys.executable, "launch/export.py", "--checkpoint", str(step_dir), "--out", str(out)],
-      child_env(tiny, 1), "export"))
+      tiny_run_env(1), "export"))
   pt = load_pt(out)
   tok = transformers.AutoTokenizer.from_pretrained(out)  # copied from the run's workdir
   texts = [line.split("\t")[0] for line in open(tiny["dev"]).read().splitlines()[1:17]]

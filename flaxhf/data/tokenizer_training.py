@@ -129,8 +129,9 @@ def read_texts(path: str, fields: Sequence[str], skip_rows: int = 0,
                max_rows: Optional[int] = None) -> List[str]:
   """Texts to train on from a JSON-lines file: each named field of each row ("translation.en" reads
   row["translation"]["en"]; "messages.content" each message's content of a chat row), rows
-  [skip_rows, skip_rows + max_rows); a plain text file gives its non-blank lines; a path with "{lang}" names line-aligned parallel text files (Multi30k's
-  train.{lang}.gz), one per field's language."""
+  [skip_rows, skip_rows + max_rows); a plain text file gives its non-blank lines; a path with
+  "{lang}" names line-aligned parallel text files (Multi30k's train.{lang}.gz), one per field's
+  language."""
   if "{lang}" in path:  # parallel text: "translation.de" reads path with {lang} = de
     return [text for field in fields
             for text in read_lines(path.format(lang=field.split(".")[-1]), skip_rows, max_rows)]
