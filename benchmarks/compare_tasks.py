@@ -148,8 +148,13 @@ def task_config(name, args, seed):
     cfg.train.log_every = 1
   cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
-  if args.dropout_off:
+  if args.dropout_off and name not in FROM_SCRATCH:
     cfg.model.name_or_path = without_dropout(cfg.model.name_or_path)
+  # From scratch, scratch_init zeroes the rates of the config both sides start from; with
+  # --independent_init flaxhf draws its own weights from config_overrides, which must say it too.
+  if args.dropout_off and name in FROM_SCRATCH and args.independent_init:
+    zeros = ",".join(f"{k}=0.0" for k in dropout_keys(cfg))
+    cfg.model.config_overrides = ",".join(filter(None, [cfg.model.config_overrides, zeros]))
   for item in args.set:  # e.g. train.loss_includes_padding=True; a mistyped key fails here
     key, _, text = item.partition("=")
     try:
@@ -158,6 +163,13 @@ def task_config(name, args, seed):
       value = text  # a bare string
     cfg.update_from_flattened_dict({key: value})
   return cfg
+
+
+def dropout_keys(cfg):
+  """The float config keys naming a dropout rate in the from-scratch model cfg describes."""
+  from flaxhf.train import engine
+  config = engine.load_model_config(cfg.model, None)
+  return sorted(k for k, v in config.to_dict().items() if "dropout" in k and isinstance(v, float))
 
 
 def without_dropout(model_dir):
