@@ -77,7 +77,10 @@ def _jax_matmul_rate(n, dtype, reps, device):
   import jax
   import jax.numpy as jnp
   a = jax.device_put(jnp.ones((n, n), getattr(jnp, dtype)), device)
-  f = jax.jit(lambda x: x @ x)
+  # A 16-bit matmul as flaxhf's dense layers write it (flaxhf.models.layers.dense): accumulated in
+  # float32 where flaxhf.xla_cpu chose that for this CPU, else the plain dot.
+  from flaxhf.models.layers import dense
+  f = jax.jit(lambda x: dense(x, x, x.dtype))
   f(a).block_until_ready()  # compile and warm up
   t = time.perf_counter()
   for _ in range(reps):
@@ -116,7 +119,12 @@ def gemm_peaks(dtypes=("float32",), n=2048, reps=10) -> dict:
 
 
 def print_header(dtypes=("float32",), title=None) -> dict:
-  """Prints the machine header (and measures the GEMM peaks of `dtypes`); returns the peaks."""
+  """Prints the machine header (and measures the GEMM peaks of `dtypes`); returns the peaks.
+
+  Applies flaxhf's XLA:CPU options first (flaxhf/xla_cpu.py: by CPU kind, FLAXHF_XLA_CPU
+  overrides), as launch/run.py does, so a benchmark measures what a user's run compiles."""
+  from flaxhf import xla_cpu
+  choice = xla_cpu.configure()
   import jax
   import torch
   cpu = cpu_description()
@@ -134,6 +142,7 @@ def print_header(dtypes=("float32",), title=None) -> dict:
         f"; python {platform.python_version()}")
   print(f"torch build: {torch_build()}")
   print(f"jax backend {jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"flaxhf.xla_cpu: {choice}")
   peaks = gemm_peaks(dtypes)
   for (plat, dtype), p in peaks.items():
     print(f"GEMM peak {plat} {dtype}: jax {p['jax'] / 1e9:.1f} GFLOP/s, torch "

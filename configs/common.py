@@ -24,6 +24,10 @@ def minilm_path():
 def base_config(task: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
+  # XLA:CPU compiler options (flaxhf/xla_cpu.py): "auto" picks this CPU kind's measured options,
+  # "none" keeps XLA's defaults, or give the flags ("--xla_cpu_prefer_vector_width=512"). The
+  # environment variable FLAXHF_XLA_CPU sets it too; this key, when not "auto", wins.
+  c.xla_cpu = "auto"
 
   c.model = ml_collections.ConfigDict()
   c.model.name_or_path = "bert-base-uncased"  # hub id or local folder

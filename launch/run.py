@@ -148,6 +148,12 @@ def main(argv):
     cfg = FLAGS.config  # a config file's OSError (e.g. a missing model folder) surfaces here
   except Exception as e:  # pylint: disable=broad-except
     _exit_if_user_error(e, sys.argv)
+  # XLA reads its options when JAX starts its backend: they are chosen before anything else.
+  from flaxhf import xla_cpu
+  try:
+    xla_cpu.configure(None if cfg.xla_cpu == "auto" else cfg.xla_cpu)
+  except Exception as e:  # pylint: disable=broad-except  # a malformed setting: one message
+    _exit_if_user_error(e, sys.argv)
   # The distributed runtime must start before anything asks JAX for devices.
   from flaxhf import distributed
   from flaxhf.train import faults

@@ -53,3 +53,8 @@ def test_config_time_data_error_and_debug_shows_the_traceback(tmp_path):
 ])
 def test_user_errors_print_one_line(tmp_path, config, fragments):
   assert_one_message(run(tmp_path, config), *fragments)
+
+
+def test_malformed_xla_cpu_setting_is_one_message(tmp_path):
+  proc = run(tmp_path, "configs/text_classification.py:smoke", "--config.xla_cpu=vector_width=512")
+  assert_one_message(proc, "xla_cpu setting 'vector_width=512'", "'auto', 'none'")

@@ -9,7 +9,7 @@ import pytest
 
 from engine_utils import (count_compiles, read_jsonl, tiny_bert_dir, tiny_config,
                           write_sentiment_tsv)
-from flaxhf import sharding
+from flaxhf import sharding, xla_cpu
 from flaxhf.models.base import flatten
 from flaxhf.train import engine
 
@@ -73,9 +73,13 @@ def test_grad_accumulation_equals_big_batch(setup, tmp_path):
 def test_bf16_compute_keeps_fp32_params_and_learns(setup, tmp_path, caplog, one_device_losses):
   want = one_device_losses
   with caplog.at_level("WARNING", logger="flaxhf"):
-    trainer, results, got = train(setup, tmp_path / "bf16", devices=jax.devices()[:1],
-                                  **{"mesh.data": 1, "model.dtype": "bfloat16"})
-  assert "use model.dtype=float32 on CPU" in caplog.text
+    # On the fsdp_tp mesh: the bf16 dense layers' float32-accumulating dots (layers.dense) go
+    # through the partitioner too.
+    trainer, results, got = train(setup, tmp_path / "bf16", **{
+        "mesh.rules": "fsdp_tp", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+        "model.dtype": "bfloat16"})
+  # The advice to stay in float32 is for CPUs without bf16 matrix instructions only.
+  assert ("use model.dtype=float32 on CPU" in caplog.text) != xla_cpu.f32_accumulating_dots()
   assert {a.dtype for a in jax.tree_util.tree_leaves(trainer.state["params"])} == {np.dtype("float32")}
   assert got[-1] < got[0]
   np.testing.assert_allclose(got, want, rtol=5e-2)  # the fp32 run's losses, to bf16 rounding

@@ -6,12 +6,15 @@ logical axis names from `flaxhf.sharding.LOGICAL_AXES`.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from flaxhf import xla_cpu
 
 Dtype = jnp.dtype
 
@@ -59,6 +62,53 @@ def normal_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+def _dense_dims(ndim, w_in_axis):
+  return (((ndim - 1,), (w_in_axis,)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_f32_accumulate(x, w, w_in_axis):
+  return jax.lax.dot_general(x, w, _dense_dims(x.ndim, w_in_axis),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dense_f32_accumulate_fwd(x, w, w_in_axis):
+  return _dense_f32_accumulate(x, w, w_in_axis), (x, w)
+
+
+def _dense_f32_accumulate_bwd(w_in_axis, res, g):
+  # Both gradient matmuls read 16-bit operands and accumulate in float32 too (JAX's own transpose
+  # would meet the float32 cotangent of the accumulator with a 16-bit operand: a float32 matmul).
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, _dense_dims(g.ndim, 1 - w_in_axis),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+  # The weight gradient is computed in w's own layout: a transposed result would make XLA:CPU
+  # run the dot on its Eigen path, which has no bf16 x bf16 -> f32 kernel (an error at run time).
+  lead = tuple(range(x.ndim - 1))
+  a, b = (g, x) if w_in_axis == 1 else (x, g)
+  dw = jax.lax.dot_general(a, b, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)
+
+
+_dense_f32_accumulate.defvjp(_dense_f32_accumulate_fwd, _dense_f32_accumulate_bwd)
+
+
+def dense(x, w, dtype, w_in_axis: int = 1):
+  """x [..., I] times a weight w, [O, I] (w_in_axis=1, torch.nn.Linear's layout) or [I, O]
+  (w_in_axis=0, GPT-2's Conv1D), computed in `dtype`.
+
+  In float32 this is the plain einsum. In a 16-bit dtype on a CPU with bf16 matrix instructions
+  (flaxhf.xla_cpu.f32_accumulating_dots), the products are written as 16-bit inputs accumulated in
+  float32, forward and backward, as PyTorch's autocast runs them: XLA:CPU then sends them to its
+  bf16 kernels, where a plain bf16 dot is converted to float32 first (1.6x slower on a Zen 4).
+  """
+  x, w = x.astype(dtype), w.astype(dtype)
+  if jnp.dtype(dtype).itemsize == 2 and xla_cpu.f32_accumulating_dots():
+    return _dense_f32_accumulate(x, w, w_in_axis)
+  return jnp.einsum("...i,oi->...o" if w_in_axis == 1 else "...i,io->...o", x, w)
+
+
 class Linear(nn.Module):
   """`torch.nn.Linear`: y = x W^T + b with W stored as [out, in]."""
 
@@ -73,7 +123,7 @@ class Linear(nn.Module):
     w_OxI = self.param(
         "weight", nn.with_logical_partitioning(normal_init(self.std), self.axes),
         (self.features, x.shape[-1]), jnp.float32)
-    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w_OxI.astype(self.dtype))
+    y = dense(x, w_OxI, self.dtype)
     if self.use_bias:
       b_O = self.param(
           "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
@@ -97,8 +147,7 @@ class Conv1D(nn.Module):
         (x.shape[-1], self.features), jnp.float32)
     b_O = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                      (self.features,), jnp.float32)
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), w_IxO.astype(self.dtype)) + b_O.astype(
-        self.dtype)
+    return dense(x, w_IxO, self.dtype, w_in_axis=0) + b_O.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -175,7 +224,7 @@ class Embedding(nn.Module):
 
   def attend(self, x):
     """Projects onto the vocabulary with the (tied) embedding matrix."""
-    return jnp.einsum("...d,vd->...v", x, self.weight.astype(self.dtype))
+    return dense(x, self.weight, self.dtype)
 
 
 def attention_bias(attention_mask, dtype):

@@ -22,7 +22,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flaxhf import sharding
+from flaxhf import sharding, xla_cpu
 from flaxhf.checkpoint import Checkpointer, gather_json, read_meta
 from flaxhf.data import batching
 from flaxhf.models import io
@@ -278,10 +278,12 @@ class Trainer:
                              async_save=cfg.checkpoint.async_save)
     resume_step = self.ckpt.latest_step()
     dtype = _dtype(cfg.model.dtype)
-    if dtype != jnp.float32 and self.mesh.devices.flat[0].platform == "cpu":
-      log.warning("model.dtype=%s on CPU: XLA's CPU matmuls gain nothing from 16-bit compute and "
-                  "the casts cost time (benchmarks/train_step.py measured bf16 at ~0.9x the "
-                  "speed of float32); use model.dtype=float32 on CPU.", cfg.model.dtype)
+    if (dtype != jnp.float32 and self.mesh.devices.flat[0].platform == "cpu"
+        and not xla_cpu.f32_accumulating_dots()):
+      log.warning("model.dtype=%s on CPU: this CPU (%s) has no bf16 matrix instructions, so "
+                  "XLA's CPU matmuls gain nothing from 16-bit compute and the casts cost time "
+                  "(benchmarks/train_step.py measured bf16 at ~0.9x the speed of float32); use "
+                  "model.dtype=float32 on CPU.", cfg.model.dtype, xla_cpu.cpu_kind()[1])
     cls = self.task.auto_class.model_class_for(model_config)
     layers = dict(scan_layers=cfg.model.scan_layers, remat=cfg.train.remat)
     lora_cfg = cfg.model.get("lora")
