@@ -29,8 +29,13 @@ log = logging.getLogger("flaxhf")
 # Measured with benchmarks/xla_flags.py (every candidate, flaxhf's train step, fp32 and bf16);
 # a kind not listed gets XLA's defaults.
 OPTIONS = {
-    # AMD EPYC family 25 model 17 (Zen 4), 2 cores, 2026-12-07: see the README's per-machine table.
+    # AMD EPYC family 25 model 17 (Zen 4), 2 cores, 2026-12-07, MiniLM 32x128 train step fp32 /
+    # bf16 tok/s, XLA's defaults 1609 / 1923: no candidate beat them beyond the run-to-run noise
+    # (~5%, more in bf16): oneDNN dot fusion 1681, 1569, 1515 / 2023, 2059; oneDNN 1547 / -;
+    # prefer_vector_width=512 1406; YNN dot fusion 1441; XNN dot fusion 1482; XNN graph fusion
+    # 1578; XNNPACK off 1452; fast math 1568 (and inexact). So XLA's defaults.
     "avx512_bf16": (),
+    # Not measured here (no such machine in this session): XLA's defaults until measured.
     "amx": (),
     "avx512": (),
     "avx2": (),
