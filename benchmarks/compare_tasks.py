@@ -144,7 +144,7 @@ def task_config(name, args, seed):
   cfg.data.max_eval_samples = pick("max_eval_samples")
   cfg.train.seed = seed
   cfg.train.eval_every, cfg.train.log_every, cfg.train.progress_bar = 0, 50, False
-  if name == "sft":  # every step's loss, to set the two loss curves side by side
+  if name in FROM_SCRATCH:  # every step's loss, to set the two loss curves side by side
     cfg.train.log_every = 1
   cfg.checkpoint.every_steps = cfg.train.steps  # one checkpoint at the end, like saving the model
   cfg.mesh.data = 1
@@ -382,28 +382,38 @@ def run_torch_seq2seq(cfg, model, task, data, threads):
   eps = float(t.label_smoothing)
   model.train()
   t0 = time.perf_counter()
-  for _ in range(t.steps):
+  curve = {}
+  for step in range(1, t.steps + 1):
     batch = to_torch(next(batches), ("input_ids", "attention_mask", "labels"))
     out = model(**batch)  # transformers shifts the labels into decoder inputs
     # torch's label smoothing is LabelSmoother's: (1 - eps) NLL + eps mean(-log p), over labels.
     loss = out.loss if not eps else torch.nn.functional.cross_entropy(
         out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100,
         label_smoothing=eps)
+    curve[step] = float(loss.detach())
     torch_update(loss, model, opt, sched, t.max_grad_norm)
   model.eval()
   tokens = [None] * len(data.eval)
   kw = task.generation_kwargs()  # eval.*: what flaxhf's eval generates with
+  nll, count = 0.0, 0
   with torch.inference_mode():
     for batch in batching.eval_batches(
         data.eval, global_batch_size=t.eval_batch_size, buckets=buckets,
         max_length={"input_ids": int(d.max_source_length), "labels": int(d.max_target_length)},
         pad_values=pad, sort_by_length=True):
       n = int(batch["example_mask"].sum())  # dummy rows fill only the tail of the last batch
+      # flaxhf's eval loss: the unsmoothed NLL of the labels, teacher-forced, over label tokens.
+      inputs = to_torch(batch, ("input_ids", "attention_mask", "labels"), n)
+      logits = model(**inputs).logits.float()
+      nll += float(torch.nn.functional.cross_entropy(
+          logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=-100, reduction="sum"))
+      count += int((inputs["labels"] != -100).sum())
       out = model.generate(**to_torch(batch, ("input_ids", "attention_mask"), n), **kw)
       for row, i in enumerate(batch["example_index"][:n]):
         tokens[i] = out[row].numpy()
   texts = [x.strip() for x in task.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
   metrics = task.text_metrics(texts, data.eval_raw["targets"])
+  metrics.update(loss=nll / max(count, 1), curve=curve)
   return metrics, time.perf_counter() - t0
 
 
@@ -476,6 +486,7 @@ def run_scratch_task(name, args, seed):
       results, row["flaxhf_s"], _ = run_flaxhf(cfg)
       row["flaxhf"] = main_metric(get_task(cfg), results)
       row.setdefault("curves", {})["flaxhf"] = results["curve"]
+      row.setdefault("eval_loss", {})["flaxhf"] = float(results["loss"])
       print(f"[{name} seed {seed}] flaxhf: {row['flaxhf'][0]} {fmt(row['flaxhf'][1])}  "
             f"({row['flaxhf_s']:.1f} s)", flush=True)
     if args.only != "flaxhf":
@@ -483,6 +494,7 @@ def run_scratch_task(name, args, seed):
       metrics, row["torch_s"] = run(cfg, model, task, data, args.threads)
       row["torch"] = main_metric(task, metrics)
       row.setdefault("curves", {})["torch"] = metrics.get("curve", {})
+      row.setdefault("eval_loss", {})["torch"] = float(metrics["loss"])
       print(f"[{name} seed {seed}] pytorch: {row['torch'][0]} {fmt(row['torch'][1])}  "
             f"({row['torch_s']:.1f} s)", flush=True)
   finally:
@@ -569,9 +581,9 @@ def print_table(rows, threads):
             for k in ("flaxhf_s", "torch_s")]
     line(task, "mean", (runs[0].get("flaxhf") or runs[0].get("torch"))[0], *cells,
          *(f"{x:.1f}" if x is not None else "-" for x in secs))
-  for r in rows:  # SFT: the train loss curves side by side
+  for r in rows:  # from scratch: the train loss curves side by side
     curves = r.get("curves", {})
-    if "SFT" in r["task"] and len(curves) == 2 and curves["flaxhf"]:
+    if len(curves) == 2 and curves["flaxhf"] and curves["torch"]:
       steps = sorted(curves["flaxhf"])
       marks = sorted({1, 2, 5, *range(25, steps[-1] + 1, 25), steps[-1]} & set(steps))
       print(f"{r['task']} seed {r['seed']}, train loss by step (flaxhf / PyTorch): " + ", ".join(
@@ -584,6 +596,10 @@ def print_table(rows, threads):
             f"{len(runs)} seed(s)): relative difference {(f - t) / t:+.2%}; within 1%: "
             f"{'yes' if abs(f - t) <= 0.01 * t else 'no'}")
     elif runs:
+      losses = {side: [r["eval_loss"][side] for r in runs] for side in ("flaxhf", "torch")}
+      print(f"{task}: eval loss (unsmoothed NLL, teacher-forced) per seed, flaxhf / PyTorch: "
+            + ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(losses["flaxhf"], losses["torch"]))
+            + f"; means {np.mean(losses['flaxhf']):.4f} / {np.mean(losses['torch']):.4f}")
       f, t = (np.mean([r[side][1][0] for r in runs]) for side in ("flaxhf", "torch"))
       print(f"{task}: flaxhf {runs[0]['flaxhf'][0]} {f:.2f} vs PyTorch {t:.2f} (mean of "
             f"{len(runs)} seed(s)): difference {f - t:+.2f}; within 1 point: "
