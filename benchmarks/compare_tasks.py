@@ -37,7 +37,10 @@ loss (the config's label smoothing, 0.1 in `local`: transformers' LabelSmoother 
 torch's cross_entropy(label_smoothing=) on PyTorch's, the same formula), the same optimizer and
 schedule; then both generate from every eval source with the config's eval.* settings (greedy,
 eval.max_new_tokens) and the task's own scorer (sacrebleu BLEU / rouge-score ROUGE-L via
-flaxhf.metrics) scores the decoded text. The table ends with whether flaxhf's mean is within 1
+flaxhf.metrics) scores the decoded text. Both sides also report the eval loss (the unsmoothed NLL
+of the references, teacher-forced, as flaxhf's eval computes it) and every step's train loss,
+printed side by side: greedy scores of a model this young swing by points between seeds (DialogSum
+ROUGE-L 10.4-21.7 over five) while the losses agree to ~0.01. The table ends with whether flaxhf's mean is within 1
 point of PyTorch's. A few hundred steps only start to translate (BLEU of a few points), so a small
 difference there says less than it would at convergence: raise --steps for a stronger check.
 Chat SFT (`--tasks sft`: configs/sft.py:local, GPTeacher conversations with the ChatML-style
