@@ -18,24 +18,10 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
              "amx_int8")
 
 
-def _cpuinfo() -> dict:
-  """The first processor's fields of /proc/cpuinfo ({} off Linux)."""
-  info = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if not line.strip():
-          break
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-  except OSError:
-    pass
-  return info
-
-
 def cpu_description() -> dict:
   """CPU model, family/model numbers, core counts and the matmul-relevant flags."""
-  info = _cpuinfo()
+  from flaxhf.xla_cpu import cpuinfo
+  info = cpuinfo()
   flags = set(info.get("flags", "").split())
   # Under a hypervisor "model name" can be as vague as "AMD EPYC": family/model pin the generation.
   ident = ", ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info)

@@ -71,7 +71,8 @@ class Choice:
     return text
 
 
-def _cpuinfo() -> dict:
+def cpuinfo() -> dict:
+  """The first processor's fields of /proc/cpuinfo ({} off Linux)."""
   info = {}
   try:
     with open("/proc/cpuinfo") as f:
@@ -87,7 +88,7 @@ def _cpuinfo() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _this_cpu() -> tuple:
-  return cpu_kind(_cpuinfo())
+  return cpu_kind(cpuinfo())
 
 
 def cpu_kind(info: dict = None) -> tuple:
